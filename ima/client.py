@@ -1,0 +1,51 @@
+"""Asking the IMA service for VN registry operations over NATS (CLI, demo)."""
+
+from __future__ import annotations
+
+import orjson
+from nats.aio.client import Client as Nats
+from pydantic import BaseModel
+
+from schemas.messages import ErrorReply, ServiceType, VnRef
+from schemas.operator import VnCreate, VnGet, VnList, VnListReply, VnReply
+from schemas.records import VnRecord
+from schemas.subjects import Subjects
+from schemas.wire import dumps
+
+
+class ImaError(Exception):
+    def __init__(self, reply: ErrorReply) -> None:
+        super().__init__(f"{reply.code}: {reply.reason}")
+        self.reply = reply
+
+
+class ImaClient:
+    def __init__(self, nc: Nats, subjects: Subjects | None = None, timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.subjects = subjects or Subjects()
+        self.timeout = timeout
+
+    async def _call(self, op: str, request: BaseModel) -> bytes:
+        msg = await self.nc.request(self.subjects.ima(op), dumps(request), timeout=self.timeout)
+        data: bytes = msg.data
+        obj = orjson.loads(data)
+        if isinstance(obj, dict) and obj.get("kind") == "error":
+            raise ImaError(ErrorReply.model_validate(obj))
+        return data
+
+    async def create(
+        self,
+        alias: str,
+        *,
+        service: ServiceType = "l2",
+        name: str | None = None,
+        vn_id: int | None = None,
+    ) -> VnReply:
+        request = VnCreate(alias=alias, service=service, name=name, vn_id=vn_id)
+        return VnReply.model_validate_json(await self._call("create", request))
+
+    async def get(self, ref: VnRef) -> VnRecord:
+        return VnReply.model_validate_json(await self._call("get", VnGet(vn=ref))).vn
+
+    async def list(self) -> list[VnRecord]:
+        return VnListReply.model_validate_json(await self._call("list", VnList())).vns

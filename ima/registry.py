@@ -1,0 +1,165 @@
+"""The VN registry: Name <-> ID one-to-one, Alias -> Name, and the VN context.
+
+Draft 2 and 4.1: a VN has a globally unique Name (UUID), an administrative
+VN ID and a human Alias; when instantiated it gets a VN context (a 24-bit,
+VXLAN-style VNI) that only NVEs use.  Allocation must be safe when several
+IMA replicas (or NVEs) race: it is one etcd transaction that claims the name,
+id, alias and VNI keys only if none exists.  The VNI candidate is derived
+from the VN Name, so racers on the same VN try the same value and the loser
+reads the winner's record; racers on different VNs that collide on a
+candidate retry with the next one.  No lock and no in-process counter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+
+import orjson
+
+from ima.keys import KeyLayout
+from ima.store import EtcdStore, KeyMissing, Put
+from schemas.errors import Conflict, ErrorCode, Exhausted, UnknownVn
+from schemas.messages import ServiceType, VnRef
+from schemas.records import VnPointer, VnRecord
+from schemas.types import MAX_VN_ID, MAX_VNI
+
+MAX_ATTEMPTS = 256
+
+
+def _candidate(name: str, attempt: int, space: int, salt: bytes) -> int:
+    digest = hashlib.blake2b(salt + name.encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") + attempt) % space + 1
+
+
+def vni_candidate(name: str, attempt: int) -> int:
+    return _candidate(name, attempt, MAX_VNI, b"vni:")
+
+
+def vn_id_candidate(name: str, attempt: int) -> int:
+    return _candidate(name, attempt, MAX_VN_ID, b"id:")
+
+
+def _json(model: VnRecord | VnPointer) -> bytes:
+    return orjson.dumps(model.model_dump(mode="json"))
+
+
+class VnRegistry:
+    def __init__(self, store: EtcdStore, layout: KeyLayout) -> None:
+        self._store = store
+        self._keys = layout
+
+    async def get(self, name: str) -> VnRecord | None:
+        kv = await self._store.get(self._keys.vn_name(name))
+        return None if kv is None else VnRecord.model_validate_json(kv.value)
+
+    async def _pointer(self, key: str) -> str | None:
+        kv = await self._store.get(key)
+        return None if kv is None else VnPointer.model_validate_json(kv.value).name
+
+    async def resolve(self, ref: VnRef) -> VnRecord:
+        """Map a VN Name, ID or Alias to its record [4.1]; unknown -> UnknownVn."""
+        if ref.name is not None:
+            name: str | None = ref.name
+        elif ref.id is not None:
+            name = await self._pointer(self._keys.vn_id(ref.id))
+        else:
+            assert ref.alias is not None
+            name = await self._pointer(self._keys.vn_alias(ref.alias))
+        record = None if name is None else await self.get(name)
+        if record is None:
+            raise UnknownVn(str(ref))
+        return record
+
+    async def list(self) -> list[VnRecord]:
+        items, _ = await self._store.get_prefix(self._keys.vn_names_prefix())
+        return [VnRecord.model_validate_json(kv.value) for kv in items]
+
+    async def create(
+        self,
+        *,
+        alias: str,
+        name: str | None = None,
+        vn_id: int | None = None,
+        service: ServiceType = "l2",
+    ) -> tuple[VnRecord, bool]:
+        """Create the VN or return the identical existing one; (record, created)."""
+        wanted_name = name
+        for attempt in range(MAX_ATTEMPTS):
+            existing = await self._existing(alias, wanted_name)
+            if existing is not None:
+                self._check_same(existing, alias, wanted_name, vn_id, service)
+                return existing, False
+            vn_name = wanted_name or str(uuid.uuid4())
+            record = VnRecord(
+                name=vn_name,
+                vn_id=vn_id if vn_id is not None else vn_id_candidate(vn_name, attempt),
+                alias=alias,
+                vni=vni_candidate(vn_name, attempt),
+                service=service,
+                created_ns=time.time_ns(),
+            )
+            pointer = _json(VnPointer(name=vn_name))
+            keys = self._keys
+            result = await self._store.txn(
+                [
+                    KeyMissing(keys.vn_name(vn_name)),
+                    KeyMissing(keys.vn_alias(alias)),
+                    KeyMissing(keys.vn_id(record.vn_id)),
+                    KeyMissing(keys.vn_vni(record.vni)),
+                ],
+                [
+                    Put(keys.vn_name(vn_name), _json(record)),
+                    Put(keys.vn_alias(alias), pointer),
+                    Put(keys.vn_id(record.vn_id), pointer),
+                    Put(keys.vn_vni(record.vni), pointer),
+                ],
+            )
+            if result.succeeded:
+                return record, True
+            if vn_id is not None and await self._store.get(keys.vn_id(vn_id)) is not None:
+                owner = await self._pointer(keys.vn_id(vn_id))
+                if owner is not None and owner != wanted_name:
+                    raise Conflict(
+                        ErrorCode.VN_EXISTS,
+                        f"VN ID {vn_id} already belongs to VN {owner}",
+                        vn_id=str(vn_id),
+                    )
+            # Lost a race: either our VN now exists (next loop returns it) or a
+            # candidate VNI/ID was taken by another VN (next loop probes on).
+        raise Exhausted(
+            ErrorCode.VNI_EXHAUSTED, f"no free VN context found after {MAX_ATTEMPTS} attempts"
+        )
+
+    async def _existing(self, alias: str, name: str | None) -> VnRecord | None:
+        if name is not None:
+            record = await self.get(name)
+            if record is not None:
+                return record
+        owner = await self._pointer(self._keys.vn_alias(alias))
+        return None if owner is None else await self.get(owner)
+
+    @staticmethod
+    def _check_same(
+        existing: VnRecord,
+        alias: str,
+        name: str | None,
+        vn_id: int | None,
+        service: ServiceType,
+    ) -> None:
+        clashes = []
+        if existing.alias != alias:
+            clashes.append(f"alias {existing.alias}")
+        if name is not None and existing.name != name:
+            clashes.append(f"name {existing.name}")
+        if vn_id is not None and existing.vn_id != vn_id:
+            clashes.append(f"VN ID {existing.vn_id}")
+        if existing.service != service:
+            clashes.append(f"service {existing.service}")
+        if clashes:
+            raise Conflict(
+                ErrorCode.VN_EXISTS,
+                f"a VN with that name or alias exists with {', '.join(clashes)}",
+                vn=existing.name,
+            )

@@ -1,0 +1,249 @@
+"""``nvo3``: one console script for every process and for operators.
+
+Processes: ``nvo3 ima run``, ``nvo3 nve run``, ``nvo3 agent run``.
+Operators: ``nvo3 vn create|list|show``, ``nvo3 nve tables NVE_ID``.
+Others: ``nvo3 demo``, ``nvo3 schema export DIR``.
+
+Exit codes scripts can rely on: 0 success, 1 refused by the system (typed
+error), 2 bad usage, 3 unreachable (NATS/etcd/NVE did not answer), 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _endpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats", help="NATS URLs, comma separated (env NVO3_NATS)")
+    p.add_argument("--etcd", help="etcd endpoints host:port, comma separated (env NVO3_ETCD)")
+    p.add_argument("--key-root", help="etcd key root (default /nvo3/)")
+    p.add_argument("--subject-root", help="NATS subject root (default nvo3)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nvo3", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the scripted demo on an embedded cluster")
+    demo.add_argument("--hold", action="store_true", help="keep the cluster running after")
+
+    ima = sub.add_parser("ima", help="the IMA process").add_subparsers(dest="action", required=True)
+    _endpoint_args(ima.add_parser("run", help="serve the VN registry over NATS"))
+
+    nve = sub.add_parser("nve", help="NVE process and its tables")
+    nve_sub = nve.add_subparsers(dest="action", required=True)
+    nve_run = nve_sub.add_parser("run", help="run an NVE")
+    _endpoint_args(nve_run)
+    nve_run.add_argument("--id", required=True, help="NVE id (a token)")
+    nve_run.add_argument("--underlay", required=True, help="the NVE's underlay IP address")
+    nve_run.add_argument("--lease-ttl", type=int, default=5)
+    tables = nve_sub.add_parser("tables", help="show a running NVE's tables")
+    _endpoint_args(tables)
+    tables.add_argument("nve_id")
+    tables.add_argument("--json", action="store_true")
+
+    agent = sub.add_parser("agent", help="hypervisor agent")
+    agent_run = agent.add_subparsers(dest="action", required=True).add_parser(
+        "run", help="apply an inventory file and keep running")
+    _endpoint_args(agent_run)
+    agent_run.add_argument("--inventory", required=True, type=Path)
+    agent_run.add_argument("--once", action="store_true", help="apply and exit")
+
+    vn = sub.add_parser("vn", help="VN registry").add_subparsers(dest="action", required=True)
+    create = vn.add_parser("create", help="create a VN (idempotent)")
+    _endpoint_args(create)
+    create.add_argument("alias")
+    create.add_argument("--service", choices=("l2", "l3"), default="l2")
+    create.add_argument("--name", help="VN Name (UUID); generated if absent")
+    create.add_argument("--id", type=int, dest="vn_id", help="VN ID; allocated if absent")
+    create.add_argument("--json", action="store_true")
+    lst = vn.add_parser("list", help="list VNs")
+    _endpoint_args(lst)
+    lst.add_argument("--json", action="store_true")
+    show = vn.add_parser("show", help="show one VN by alias, name or id")
+    _endpoint_args(show)
+    show.add_argument("ref")
+    show.add_argument("--json", action="store_true")
+
+    schema = sub.add_parser("schema", help="JSON Schema of every message and record")
+    schema.add_argument("action", choices=("export",))
+    schema.add_argument("directory", type=Path)
+    return parser
+
+
+def _endpoints(args: argparse.Namespace) -> Any:
+    from nvo3.connect import Endpoints
+
+    return Endpoints.from_env(args.nats, args.etcd, args.key_root, args.subject_root)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+async def _vn_command(args: argparse.Namespace) -> int:
+    from ima.client import ImaClient
+    from nvo3.connect import connect_nats
+    from nvo3.render import vn_table
+    from schemas.messages import VnRef
+
+    ep = _endpoints(args)
+    nc = await connect_nats(ep.nats, "nvo3-cli")
+    try:
+        client = ImaClient(nc, ep.subjects)
+        if args.action == "create":
+            reply = await client.create(args.alias, service=args.service, name=args.name,
+                                        vn_id=args.vn_id)
+            vns = [reply.vn]
+        elif args.action == "list":
+            vns = await client.list()
+        else:
+            ref: VnRef
+            if args.ref.isdigit():
+                ref = VnRef(id=int(args.ref))
+            elif len(args.ref) == 36 and args.ref.count("-") == 4:
+                ref = VnRef(name=args.ref)
+            else:
+                ref = VnRef(alias=args.ref)
+            vns = [await client.get(ref)]
+        if args.json:
+            _print_json([v.model_dump(mode="json") for v in vns])
+        else:
+            print(vn_table(vns))
+        return EXIT_OK
+    finally:
+        await nc.close()
+
+
+async def _tables_command(args: argparse.Namespace) -> int:
+    from nvo3.connect import connect_nats
+    from nvo3.render import nve_tables
+
+    ep = _endpoints(args)
+    nc = await connect_nats(ep.nats, "nvo3-cli")
+    try:
+        msg = await nc.request(ep.subjects.nve_tables(args.nve_id), b"{}", timeout=5)
+        snapshot = orjson.loads(msg.data)
+        if args.json:
+            _print_json(snapshot)
+        else:
+            print(nve_tables(snapshot))
+        return EXIT_OK
+    finally:
+        await nc.close()
+
+
+async def _run_ima(args: argparse.Namespace) -> int:
+    from ima.service import ImaService
+    from nvo3.connect import connect_nats, open_store
+
+    ep = _endpoints(args)
+    nc = await connect_nats(ep.nats, "ima")
+    store = await open_store(ep.etcd)
+    try:
+        await ImaService(nc, store, layout=ep.layout, subjects=ep.subjects).run()
+    finally:
+        await nc.close()
+        await store.close()
+    return EXIT_OK
+
+
+async def _run_nve(args: argparse.Namespace) -> int:
+    from nve.service import NveConfig, NveService
+    from nvo3.connect import connect_nats, open_store
+
+    ep = _endpoints(args)
+    nc = await connect_nats(ep.nats, args.id)
+    store = await open_store(ep.etcd)
+    try:
+        config = NveConfig(args.id, args.underlay, lease_ttl=args.lease_ttl)
+        await NveService(config, nc, store, layout=ep.layout, subjects=ep.subjects).run()
+    finally:
+        await nc.close()
+        await store.close()
+    return EXIT_OK
+
+
+async def _run_agent(args: argparse.Namespace) -> int:
+    from agents.agent import HypervisorAgent
+    from agents.inventory import load_inventory
+    from nvo3.connect import connect_nats
+
+    ep = _endpoints(args)
+    inventory = load_inventory(args.inventory)
+    nc = await connect_nats(ep.nats, inventory.hypervisor)
+    try:
+        agent = HypervisorAgent(inventory.hypervisor, inventory.nve, nc, subjects=ep.subjects)
+        await agent.apply_inventory(inventory)
+        print(f"agent {inventory.hypervisor}: inventory applied "
+              f"({len(inventory.vnics)} VNICs) on NVE {inventory.nve}", flush=True)
+        if not args.once:
+            await asyncio.Event().wait()
+    finally:
+        await nc.close()
+    return EXIT_OK
+
+
+def _run_async(factory: Callable[[], Awaitable[int]]) -> int:
+    from agents.agent import AgentError, NveUnreachable
+    from ima.client import ImaError
+    from ima.store import StoreError
+
+    async def runner() -> int:
+        return await factory()
+
+    try:
+        return asyncio.run(runner())
+    except (AgentError, ImaError) as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (NveUnreachable, NatsTimeout, NoRespondersError, StoreError, OSError) as exc:
+        print(f"unreachable: {exc!r}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "demo":
+            from nvo3 import demo
+
+            return demo.main(hold=args.hold)
+        if args.command == "schema":
+            from schemas.export import export_schemas
+
+            for path in export_schemas(args.directory):
+                print(path)
+            return EXIT_OK
+        if args.command == "vn":
+            return _run_async(lambda: _vn_command(args))
+        if args.command == "nve":
+            if args.action == "tables":
+                return _run_async(lambda: _tables_command(args))
+            return _run_async(lambda: _run_nve(args))
+        if args.command == "ima":
+            return _run_async(lambda: _run_ima(args))
+        if args.command == "agent":
+            return _run_async(lambda: _run_agent(args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

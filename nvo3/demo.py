@@ -1,0 +1,242 @@
+"""``make demo``: the whole control plane on an embedded default cluster.
+
+Starts a local nats-server and etcd (temporary data dir, free ports), one
+IMA, two NVEs and four hypervisor agents (two per NVE), then plays a script:
+create an L2 and an L3 VN, connect VNICs, associate addresses (a bridging VM
+with two MACs, a load balancer with a VIP prefix), show a refused MAC claim,
+shut one VNIC down, and print each NVE's tables and the etcd keys.  Every
+process it started is stopped on exit, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import orjson
+
+from agents.agent import AgentError, HypervisorAgent
+from agents.inventory import Inventory, VnicSpec, VnicVn
+from ima.client import ImaClient
+from ima.service import ImaService
+from nve.service import NveConfig, NveService
+from nvo3.connect import Endpoints, connect_nats, open_store
+from nvo3.render import nve_tables, vn_table
+from nvo3.servers import LocalServers, find_binary
+from schemas.messages import AddressEntry, VnRef
+
+CONVERGE_TIMEOUT = 15.0
+
+
+def _vnic(seed: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"nvo3-demo/{seed}"))
+
+
+def _spec(name: str, port: str, *vns: tuple[str, list[tuple[str, list[str]]]]) -> VnicSpec:
+    return VnicSpec(
+        name=_vnic(name),
+        vm=name,
+        port=port,
+        vns=tuple(
+            VnicVn(
+                vn=VnRef(alias=alias),
+                addresses=tuple(AddressEntry(mac=m, ips=tuple(ips)) for m, ips in addrs),
+            )
+            for alias, addrs in vns
+        ),
+    )
+
+
+def demo_inventories() -> list[Inventory]:
+    """Four hypervisors: hv1, hv2 behind nve1; hv3, hv4 behind nve2."""
+    return [
+        Inventory(hypervisor="hv1", nve="nve1", vnics=(
+            _spec("web-1", "eth0", ("blue", [("02:00:00:00:01:01", ["10.1.0.11"])]),
+                  ("red", [("02:00:00:00:01:02", ["10.2.0.11"])])),
+        )),
+        Inventory(hypervisor="hv2", nve="nve1", vnics=(
+            _spec("db-1", "eth0", ("blue", [("02:00:00:00:02:01", ["10.1.0.12"])])),
+            # A load balancer: one MAC, a host IP and a VIP range as one prefix [3.1].
+            _spec("lb-1", "eth0", ("red", [("02:00:00:00:02:02",
+                                            ["10.2.0.12", "10.2.100.0/28"])])),
+        )),
+        Inventory(hypervisor="hv3", nve="nve2", vnics=(
+            _spec("web-2", "eth1", ("blue", [("02:00:00:00:03:01", ["10.1.0.13"])])),
+            # A transparent bridge: several MACs behind one VNIC/VN [3.1.1].
+            _spec("bridge-1", "eth1", ("blue", [("02:00:00:00:03:02", []),
+                                                ("02:00:00:00:03:03", [])])),
+        )),
+        Inventory(hypervisor="hv4", nve="nve2", vnics=(
+            _spec("app-1", "eth0", ("red", [("02:00:00:00:04:01", ["10.2.0.14"])])),
+        )),
+    ]
+
+
+@dataclass
+class DemoResult:
+    vns: int = 0
+    agents: int = 0
+    vnics: int = 0
+    ima_keys: int = 0
+    refused: list[str] = field(default_factory=list)
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _remote_count(nve: NveService) -> int:
+    return nve.core.remote.size()
+
+
+async def run_scenario(ep: Endpoints, out: TextIO) -> DemoResult:
+    result = DemoResult()
+
+    def say(text: str = "") -> None:
+        print(text, file=out, flush=True)
+
+    connections = []
+    stores = []
+
+    async def nats_conn(name: str) -> Any:
+        nc = await connect_nats(ep.nats, name)
+        connections.append(nc)
+        return nc
+
+    async def store() -> Any:
+        s = await open_store(ep.etcd)
+        stores.append(s)
+        return s
+
+    try:
+        ima = ImaService(await nats_conn("ima"), await store(), layout=ep.layout,
+                         subjects=ep.subjects)
+        nves = {
+            nid: NveService(NveConfig(nid, underlay), await nats_conn(nid), await store(),
+                            layout=ep.layout, subjects=ep.subjects)
+            for nid, underlay in (("nve1", "192.0.2.1"), ("nve2", "192.0.2.2"))
+        }
+        async with asyncio.TaskGroup() as tg:
+            services = [tg.create_task(ima.run(), name="ima")]
+            services += [tg.create_task(n.run(), name=nid) for nid, n in nves.items()]
+            await ima.ready.wait()
+            for n in nves.values():
+                await n.ready.wait()
+            say("== 1. IMA: create VNs (VN Name <-> VN ID <-> VNI, draft 2 and 4.1)")
+            client = ImaClient(await nats_conn("operator"), ep.subjects)
+            blue = (await client.create("blue", service="l2")).vn
+            red = (await client.create("red", service="l3")).vn
+            again = await client.create("blue", service="l2")
+            say(vn_table([blue, red]))
+            say(f"   creating 'blue' again returns the same VN (created={again.created}, "
+                f"vni={again.vn.vni})")
+            result.vns = 2
+
+            say("\n== 2. Agents connect VNICs and associate addresses (4.1, 4.2)")
+            agents = {}
+            for inv in demo_inventories():
+                agent = HypervisorAgent(inv.hypervisor, inv.nve, await nats_conn(inv.hypervisor),
+                                        subjects=ep.subjects)
+                agents[inv.hypervisor] = agent
+                await agent.apply_inventory(inv)
+                result.vnics += len(inv.vnics)
+                tags = ", ".join(f"{spec.vm}/{vn_name[:8]}->tag {r.tag}"
+                                 for (vnic, vn_name), r in agent.tags.items()
+                                 for spec in inv.vnics if spec.name == vnic)
+                say(f"   {inv.hypervisor} -> {inv.nve}: {len(inv.vnics)} VNIC(s); {tags}")
+            result.agents = len(agents)
+
+            await _converge(nves["nve1"], lambda: _remote_count(nves["nve1"]) == 6)
+            await _converge(nves["nve2"], lambda: _remote_count(nves["nve2"]) == 9)
+            say("   both NVEs learned every remote binding through etcd watches")
+
+            say("\n== 3. A refused claim changes nothing (3.1: a MAC is unique in a VN)")
+            try:
+                await agents["hv4"].connect(_vnic("rogue"), "eth0", VnRef(alias="blue"))
+                await agents["hv4"].associate(_vnic("rogue"), VnRef(alias="blue"),
+                                              (AddressEntry(mac="02:00:00:00:01:01"),))
+            except AgentError as exc:
+                result.refused.append(str(exc.code))
+                say(f"   hv4 claiming web-1's MAC in blue -> {exc.code}: {exc.reply.reason}")
+            await agents["hv4"].remove_vnic(_vnic("rogue"))
+            try:
+                await agents["hv4"].associate(_vnic("app-1"), VnRef(alias="red"),
+                                              (AddressEntry(mac="02:00:00:00:04:09"),))
+            except AgentError as exc:
+                result.refused.append(str(exc.code))
+                say(f"   hv4 adding a MAC without IP to L3 VN red -> {exc.code}")
+
+            say("\n== 4. Shut down web-2 on hv3: one message withdraws all its addresses (4.4)")
+            reply = await agents["hv3"].shutdown(_vnic("web-2"))
+            say(f"   vnic_shutdown -> ok, {reply.ima_ops} IMA deletes in one batch")
+            await _converge(nves["nve1"], lambda: _remote_count(nves["nve1"]) == 4)
+            say("   nve1 dropped web-2's MAC and IP from its remote table")
+
+            say("\n== 5. NVE tables (asked over NATS, as `nvo3 nve tables` does)")
+            for nid in nves:
+                msg = await client.nc.request(ep.subjects.nve_tables(nid), b"{}", timeout=5)
+                snap = orjson.loads(msg.data)
+                result.tables[nid] = snap
+                say(nve_tables(snap))
+                say()
+
+            say("== 6. The IMA in etcd (etcdctl get --prefix " + ep.key_root + " --keys-only)")
+            keys = _etcdctl_keys(ep)
+            result.ima_keys = len(keys)
+            for key in keys:
+                say("   " + key)
+            for task in services:
+                task.cancel()
+    finally:
+        for nc in connections:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        for s in stores:
+            with contextlib.suppress(Exception):
+                await s.close()
+    return result
+
+
+async def _converge(nve: NveService, predicate: Callable[[], bool]) -> None:
+    async with asyncio.timeout(CONVERGE_TIMEOUT):
+        await nve.wait_until(predicate)
+
+
+def _etcdctl_keys(ep: Endpoints) -> list[str]:
+    proc = subprocess.run(
+        [find_binary("etcdctl"), f"--endpoints={','.join(ep.etcd)}", "get", "--prefix",
+         ep.key_root, "--keys-only"],
+        capture_output=True, text=True, check=True, timeout=30,
+    )
+    return [line for line in proc.stdout.splitlines() if line.strip()]
+
+
+async def _hold(ep: Endpoints, out: TextIO) -> None:
+    print("\nCluster kept running (Ctrl-C to stop). Try:\n"
+          f"  {find_binary('etcdctl')} --endpoints={','.join(ep.etcd)} get --prefix "
+          f"{ep.key_root}\n", file=out, flush=True)
+    await asyncio.Event().wait()
+
+
+def main(hold: bool = False, out: TextIO = sys.stdout) -> int:
+    servers = LocalServers()
+    try:
+        servers.start()
+        ep = Endpoints(nats=tuple(servers.nats_urls), etcd=tuple(servers.etcd_endpoints))
+        print(f"nats-server {ep.nats[0]}  etcd {ep.etcd[0]}  (data in {servers.workdir})",
+              file=out, flush=True)
+        result = asyncio.run(run_scenario(ep, out))
+        print(f"demo ok: {result.vns} VNs, {result.agents} agents, {result.vnics} VNICs, "
+              f"{result.ima_keys} IMA keys, refused: {','.join(result.refused)}",
+              file=out, flush=True)
+        if hold:
+            asyncio.run(_hold(ep, out))
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted; stopping the servers", file=out, flush=True)
+        return 130
+    finally:
+        servers.stop()

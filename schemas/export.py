@@ -1,0 +1,57 @@
+"""JSON Schema for every message and record, generated from the models.
+
+``nvo3 schema export docs/schemas`` writes them; a test fails when the
+committed files drift from the models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, TypeAdapter
+
+from schemas import messages, operator, records
+
+MODELS: tuple[type[BaseModel], ...] = (
+    messages.VnConnect,
+    messages.VnDisconnect,
+    messages.AddrAssociate,
+    messages.AddrDisassociate,
+    messages.VnicDisassociate,
+    messages.VnicShutdown,
+    messages.VnicStartup,
+    messages.OkReply,
+    messages.ErrorReply,
+    operator.VnCreate,
+    operator.VnGet,
+    operator.VnList,
+    operator.VnReply,
+    operator.VnListReply,
+    records.VnRecord,
+    records.VnPointer,
+    records.MacBinding,
+    records.IpBinding,
+    records.NveRecord,
+)
+
+
+def all_schemas() -> dict[str, dict[str, Any]]:
+    out = {model.__name__: model.model_json_schema() for model in MODELS}
+    out["HypervisorMessage"] = TypeAdapter(messages.HypervisorMessage).json_schema()
+    return out
+
+
+def render(schema: dict[str, Any]) -> bytes:
+    return orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+
+
+def export_schemas(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, schema in all_schemas().items():
+        path = directory / f"{name}.json"
+        path.write_bytes(render(schema))
+        paths.append(path)
+    return paths

@@ -1,0 +1,52 @@
+"""Operator and IMA requests: the VN registry over NATS [2, 4.1, 4.5]."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.base import PROTOCOL_VERSION, Strict
+from schemas.messages import ServiceType, VnRef
+from schemas.records import VnRecord
+from schemas.types import Alias, VnId, VnName
+
+
+class VnCreate(Strict):
+    """Create (or find, if an identical one exists) a VN and allocate its context."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["vn_create"] = "vn_create"
+    alias: Alias
+    name: VnName | None = None
+    vn_id: VnId | None = None
+    service: ServiceType = "l2"
+
+
+class VnGet(Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["vn_get"] = "vn_get"
+    vn: VnRef
+
+
+class VnList(Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["vn_list"] = "vn_list"
+
+
+class VnReply(Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["vn"] = "vn"
+    vn: VnRecord
+    created: bool = False
+
+
+class VnListReply(Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["vn_list"] = "vn_list"
+    vns: list[VnRecord] = Field(default_factory=list)
+
+
+class TablesQuery(Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["tables_query"] = "tables_query"

@@ -1,0 +1,80 @@
+"""Records stored in etcd by the IMA (layout in docs/etcd-layout.md).
+
+Values are JSON so that ``etcdctl get --prefix /nvo3/`` is a real inspection
+tool.  Every record carries ``v`` so a later layout change can be detected.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from schemas.base import PROTOCOL_VERSION, Strict
+from schemas.messages import ServiceType
+from schemas.types import (
+    Alias,
+    IpEntry,
+    Mac,
+    NveId,
+    TimestampNs,
+    UnderlayIp,
+    Vni,
+    VnicName,
+    VnId,
+    VnName,
+)
+
+
+class VnRecord(Strict):
+    """The registry entry of a VN: Name <-> ID one-to-one, Alias, VN context [2, 4.1]."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    name: VnName
+    vn_id: VnId
+    alias: Alias
+    vni: Vni
+    service: ServiceType = "l2"
+    created_ns: TimestampNs = 0
+
+
+class VnPointer(Strict):
+    """Secondary index value (by id, alias or VNI) pointing to the VN Name."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    name: VnName
+
+
+class MacBinding(Strict):
+    """(VN, MAC) -> the NVE (and its underlay address) that reaches it [4.2]."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    vn: VnName
+    vni: Vni
+    mac: Mac
+    vnic: VnicName
+    nve: NveId
+    underlay: UnderlayIp
+    ts_ns: TimestampNs = 0  # the hypervisor's publish time, for propagation telemetry
+
+
+class IpBinding(Strict):
+    """(VN, IP or prefix) -> MAC and NVE; needed for an L3 service [3.1.2]."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    vn: VnName
+    vni: Vni
+    ip: IpEntry
+    mac: Mac
+    vnic: VnicName
+    nve: NveId
+    underlay: UnderlayIp
+    ts_ns: TimestampNs = 0
+
+
+class NveRecord(Strict):
+    """Liveness of an NVE; held by its etcd lease, gone when the NVE dies."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    nve: NveId
+    underlay: UnderlayIp
+    epoch: int
+    started_ns: TimestampNs
