@@ -224,6 +224,7 @@ class NveCore:
         vnic = self._owned_vnic(msg.vnic, msg.sender)
         att = self._attachment(vnic, vn.name)
         # Validate everything first: a refused entry must leave no trace.
+        claimed: dict[str, str] = {}  # ip -> mac within this message
         for entry in msg.entries:
             owner = self.mac_owner.get((vn.name, entry.mac))
             if owner is not None and owner != vnic.name:
@@ -251,6 +252,13 @@ class NveCore:
                 )
             for ip in entry.ips:
                 self._check_ip_free(vn.name, ip, vnic.name, entry.mac)
+                other = claimed.setdefault(ip, entry.mac)
+                if other != entry.mac:
+                    raise Conflict(
+                        ErrorCode.IP_CONFLICT,
+                        f"IP {ip} is claimed for both MAC {other} and MAC {entry.mac}",
+                        ip=ip,
+                    )
         effects: list[Effect] = []
         for entry in msg.entries:
             ips = att.macs.get(entry.mac)

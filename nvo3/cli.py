@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
-from nats.errors import NoRespondersError
+from nats.errors import NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -101,7 +102,7 @@ async def _vn_command(args: argparse.Namespace) -> int:
     from schemas.messages import VnRef
 
     ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "nvo3-cli")
+    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False)
     try:
         client = ImaClient(nc, ep.subjects)
         if args.action == "create":
@@ -133,7 +134,7 @@ async def _tables_command(args: argparse.Namespace) -> int:
     from nvo3.render import nve_tables
 
     ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "nvo3-cli")
+    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False)
     try:
         msg = await nc.request(ep.subjects.nve_tables(args.nve_id), b"{}", timeout=5)
         snapshot = orjson.loads(msg.data)
@@ -203,14 +204,23 @@ def _run_async(factory: Callable[[], Awaitable[int]]) -> int:
     from ima.store import StoreError
 
     async def runner() -> int:
-        return await factory()
+        # SIGTERM (docker stop, systemd) is a graceful stop like Ctrl-C: cancelling the
+        # main task unwinds the service's TaskGroup, which revokes the NVE's lease.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await factory()
+        except asyncio.CancelledError:
+            return EXIT_INTERRUPTED
 
     try:
         return asyncio.run(runner())
     except (AgentError, ImaError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
-    except (NveUnreachable, NatsTimeout, NoRespondersError, StoreError, OSError) as exc:
+    except (NveUnreachable, NatsTimeout, NoRespondersError, NoServersError, StoreError,
+            OSError) as exc:
         print(f"unreachable: {exc!r}", file=sys.stderr)
         return EXIT_UNREACHABLE
 

@@ -54,12 +54,15 @@ class Endpoints:
         return Subjects(self.subject_root)
 
 
-async def connect_nats(urls: tuple[str, ...] | list[str], name: str) -> Nats:
+async def connect_nats(
+    urls: tuple[str, ...] | list[str], name: str, *, persistent: bool = True
+) -> Nats:
+    """Services reconnect forever; one-shot operator commands give up (exit code 3)."""
     return await nats.connect(
         servers=list(urls),
         name=name,
         allow_reconnect=True,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=-1 if persistent else 2,
         reconnect_time_wait=0.25,
         connect_timeout=2,
         pending_size=64 * 1024 * 1024,

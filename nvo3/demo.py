@@ -92,7 +92,7 @@ def _remote_count(nve: NveService) -> int:
     return nve.core.remote.size()
 
 
-async def run_scenario(ep: Endpoints, out: TextIO) -> DemoResult:
+async def run_scenario(ep: Endpoints, out: TextIO, hold: bool = False) -> DemoResult:
     result = DemoResult()
 
     def say(text: str = "") -> None:
@@ -188,6 +188,10 @@ async def run_scenario(ep: Endpoints, out: TextIO) -> DemoResult:
             result.ima_keys = len(keys)
             for key in keys:
                 say("   " + key)
+            say(f"demo ok: {result.vns} VNs, {result.agents} agents, {result.vnics} VNICs, "
+                f"{result.ima_keys} IMA keys, refused: {','.join(result.refused)}")
+            if hold:
+                await _hold(ep, out)
             for task in services:
                 task.cancel()
     finally:
@@ -215,9 +219,10 @@ def _etcdctl_keys(ep: Endpoints) -> list[str]:
 
 
 async def _hold(ep: Endpoints, out: TextIO) -> None:
-    print("\nCluster kept running (Ctrl-C to stop). Try:\n"
+    print("\nCluster, IMA and NVEs kept running (Ctrl-C to stop). Try:\n"
           f"  {find_binary('etcdctl')} --endpoints={','.join(ep.etcd)} get --prefix "
-          f"{ep.key_root}\n", file=out, flush=True)
+          f"{ep.key_root}\n"
+          f"  NVO3_NATS={','.join(ep.nats)} nvo3 nve tables nve1\n", file=out, flush=True)
     await asyncio.Event().wait()
 
 
@@ -228,12 +233,7 @@ def main(hold: bool = False, out: TextIO = sys.stdout) -> int:
         ep = Endpoints(nats=tuple(servers.nats_urls), etcd=tuple(servers.etcd_endpoints))
         print(f"nats-server {ep.nats[0]}  etcd {ep.etcd[0]}  (data in {servers.workdir})",
               file=out, flush=True)
-        result = asyncio.run(run_scenario(ep, out))
-        print(f"demo ok: {result.vns} VNs, {result.agents} agents, {result.vnics} VNICs, "
-              f"{result.ima_keys} IMA keys, refused: {','.join(result.refused)}",
-              file=out, flush=True)
-        if hold:
-            asyncio.run(_hold(ep, out))
+        asyncio.run(run_scenario(ep, out, hold))
         return 0
     except KeyboardInterrupt:
         print("interrupted; stopping the servers", file=out, flush=True)

@@ -1,0 +1,42 @@
+"""Shared fixtures: one real NATS + etcd stack per session, isolated per test by naming.
+
+Starting servers per test would dominate the runtime, so tests share one stack and keep
+out of each other's way with a unique etcd key prefix and NATS subject root each.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from nvo3.servers import LocalServers
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[LocalServers]:
+    with LocalServers() as stack:
+        yield stack
+
+
+@pytest.fixture
+def nats_urls(servers: LocalServers) -> list[str]:
+    return servers.nats_urls
+
+
+@pytest.fixture
+def etcd_endpoints(servers: LocalServers) -> list[str]:
+    return servers.etcd_endpoints
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A fresh etcd namespace, so state left by one test is invisible to the next."""
+    return f"/nvo3-t-{secrets.token_hex(4)}/"
+
+
+@pytest.fixture
+def subject_root() -> str:
+    """A fresh subject root; leading letter keeps it a valid token whatever the hex."""
+    return f"t{secrets.token_hex(4)}.nvo3"

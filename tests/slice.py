@@ -1,0 +1,108 @@
+"""A running control plane inside the test's event loop: IMA + NVEs + agents.
+
+Services run against the session's real nats-server and etcd, namespaced by
+the test's own key prefix and subject root.  ``stop()`` cancels exactly the
+tasks and closes exactly the connections this slice opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from agents.agent import HypervisorAgent
+from ima.client import ImaClient
+from ima.service import ImaService
+from ima.store import EtcdStore
+from nve.service import NveConfig, NveService
+from nvo3.connect import Endpoints, connect_nats, open_store
+
+WAIT = 10.0
+
+
+@dataclass
+class Slice:
+    ep: Endpoints
+    ima: ImaService | None = None
+    nves: dict[str, NveService] = field(default_factory=dict)
+    client: ImaClient | None = None
+    store: EtcdStore | None = None
+    _conns: list[Any] = field(default_factory=list)
+    _stores: list[EtcdStore] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def nats(self, name: str) -> Any:
+        nc = await connect_nats(self.ep.nats, name)
+        self._conns.append(nc)
+        return nc
+
+    async def new_store(self) -> EtcdStore:
+        store = await open_store(self.ep.etcd)
+        self._stores.append(store)
+        return store
+
+    async def start_ima(self) -> ImaService:
+        ima = ImaService(await self.nats("ima"), await self.new_store(), layout=self.ep.layout,
+                         subjects=self.ep.subjects)
+        self._tasks.append(asyncio.create_task(ima.run()))
+        await ima.ready.wait()
+        return ima
+
+    async def start_nve(self, nve_id: str, underlay: str, lease_ttl: int = 5) -> NveService:
+        nve = NveService(NveConfig(nve_id, underlay, lease_ttl=lease_ttl),
+                         await self.nats(nve_id), await self.new_store(),
+                         layout=self.ep.layout, subjects=self.ep.subjects)
+        task = asyncio.create_task(nve.run())
+        self._tasks.append(task)
+        ready = asyncio.create_task(nve.ready.wait())
+        await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # surface a failed start
+        self.nves[nve_id] = nve
+        return nve
+
+    async def agent(self, hypervisor: str, nve: str) -> HypervisorAgent:
+        return HypervisorAgent(hypervisor, nve, await self.nats(hypervisor),
+                               subjects=self.ep.subjects)
+
+    async def wait(self, nve: str, predicate: Any) -> None:
+        async with asyncio.timeout(WAIT):
+            await self.nves[nve].wait_until(predicate)
+
+    async def keys(self) -> dict[str, bytes]:
+        assert self.store is not None
+        items, _ = await self.store.get_prefix(self.ep.key_root)
+        return {kv.key: kv.value for kv in items}
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for nc in self._conns:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        for store in self._stores:
+            with contextlib.suppress(Exception):
+                await store.close()
+
+
+async def start_slice(
+    nats_urls: list[str],
+    etcd_endpoints: list[str],
+    key_prefix: str,
+    subject_root: str,
+    nve_ids: tuple[str, ...] = ("nve1", "nve2"),
+) -> Slice:
+    ep = Endpoints(nats=tuple(nats_urls), etcd=tuple(etcd_endpoints), key_root=key_prefix,
+                   subject_root=subject_root)
+    s = Slice(ep)
+    s.store = await s.new_store()
+    s.ima = await s.start_ima()
+    for i, nve_id in enumerate(nve_ids, start=1):
+        await s.start_nve(nve_id, f"192.0.2.{i}")
+    s.client = ImaClient(await s.nats("operator"), ep.subjects)
+    return s

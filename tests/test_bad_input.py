@@ -1,0 +1,182 @@
+"""Every bad or refused request gets its typed error and changes nothing.
+
+Raw bytes go to the NVE over a real NATS connection; after each refusal the
+NVE's tables and the etcd keys are compared with what they were before.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from schemas.wire import MAX_PAYLOAD
+from tests.slice import Slice, start_slice
+
+pytestmark = pytest.mark.integration
+
+VNIC = str(uuid.uuid5(uuid.NAMESPACE_URL, "bad/a"))
+OTHER = str(uuid.uuid5(uuid.NAMESPACE_URL, "bad/b"))
+
+
+@pytest.fixture
+async def cp(
+    nats_urls: list[str], etcd_endpoints: list[str], key_prefix: str, subject_root: str
+) -> AsyncIterator[Slice]:
+    s = await start_slice(nats_urls, etcd_endpoints, key_prefix, subject_root, ("nve1",))
+    try:
+        assert s.client is not None
+        await s.client.create("blue", service="l2")
+        await s.client.create("red", service="l3")
+        hv1 = await s.agent("hv1", "nve1")
+        await hv1.connect(VNIC, "eth0", _ref("blue"))
+        await hv1.associate(VNIC, _ref("blue"), (_entry("02:00:00:00:00:01"),))
+        await hv1.connect(VNIC, "eth0", _ref("red"))
+        yield s
+    finally:
+        await s.stop()
+
+
+def _ref(alias: str) -> Any:
+    from schemas.messages import VnRef
+
+    return VnRef(alias=alias)
+
+
+def _entry(mac: str, *ips: str) -> Any:
+    from schemas.messages import AddressEntry
+
+    return AddressEntry(mac=mac, ips=ips)
+
+
+def _msg(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"v": 1, "kind": kind, "sender": "hv1", "seq": fields.pop("seq", 7), **fields}
+
+
+def _assoc(mac: str, vn: str = "blue", vnic: str = VNIC, **extra: Any) -> dict[str, Any]:
+    return _msg("addr_associate", vnic=vnic, vn={"alias": vn},
+                entries=[{"mac": mac, "ips": extra.pop("ips", [])}], **extra)
+
+
+CASES: list[tuple[str, str, str, bytes]] = [
+    ("empty", "hv1", "addr_associate", b""),
+    ("truncated", "hv1", "addr_associate", orjson.dumps(_assoc("02:00:00:00:00:09"))[:-7]),
+    ("not-an-object", "hv1", "addr_associate", b"[1, 2, 3]"),
+    ("invalid-utf8", "hv1", "addr_associate", b'{"kind": "\xff\xfe"}'),
+    ("nul-bytes", "hv1", "addr_associate", b"\x00\x00\x00"),
+    ("deeply-nested", "hv1", "addr_associate", b"[" * 5000 + b"]" * 5000),
+    ("version-2", "hv1", "addr_associate", orjson.dumps({**_assoc("02:00:00:00:00:09"), "v": 2})),
+    ("unknown-kind", "hv1", "teleport", orjson.dumps(_msg("teleport", vnic=VNIC))),
+    ("extra-field", "hv1", "vnic_shutdown",
+     orjson.dumps({**_msg("vnic_shutdown", vnic=VNIC), "evil": 1})),
+    ("vnic-not-uuid", "hv1", "vnic_shutdown", orjson.dumps(_msg("vnic_shutdown", vnic="web-1"))),
+    ("broadcast-mac", "hv1", "addr_associate", orjson.dumps(_assoc("ff:ff:ff:ff:ff:ff"))),
+    ("multicast-mac", "hv1", "addr_associate", orjson.dumps(_assoc("01:00:5e:00:00:01"))),
+    ("zero-mac", "hv1", "addr_associate", orjson.dumps(_assoc("00:00:00:00:00:00"))),
+    ("bad-ip", "hv1", "addr_associate",
+     orjson.dumps(_assoc("02:00:00:00:00:09", ips=["10.0.0.300"]))),
+    ("prefix-host-bits", "hv1", "addr_associate",
+     orjson.dumps(_assoc("02:00:00:00:00:09", ips=["10.0.0.1/24"]))),
+    ("alias-injection", "hv1", "addr_associate",
+     orjson.dumps(_assoc("02:00:00:00:00:09", vn="blue.*"))),
+    ("alias-key-injection", "hv1", "addr_associate",
+     orjson.dumps(_assoc("02:00:00:00:00:09", vn="../vn"))),
+    ("vn-id-zero", "hv1", "vn_connect",
+     orjson.dumps(_msg("vn_connect", vnic=VNIC, port="eth0", vn={"id": 0}))),
+    ("port-injection", "hv1", "vn_connect",
+     orjson.dumps(_msg("vn_connect", vnic=VNIC, port="eth0.>", vn={"alias": "blue"}))),
+    ("sender-mismatch", "hv2", "addr_associate", orjson.dumps(_assoc("02:00:00:00:00:09"))),
+    ("kind-mismatch", "hv1", "vnic_shutdown", orjson.dumps(_assoc("02:00:00:00:00:09"))),
+    ("unknown-vn", "hv1", "addr_associate", orjson.dumps(_assoc("02:00:00:00:00:09", vn="green"))),
+    ("unknown-vnic", "hv1", "addr_associate",
+     orjson.dumps(_assoc("02:00:00:00:00:09", vnic=OTHER))),
+    ("l3-without-ip", "hv1", "addr_associate",
+     orjson.dumps(_assoc("02:00:00:00:00:09", vn="red"))),
+    ("other-hypervisors-vnic", "hv2", "vnic_shutdown",
+     orjson.dumps({**_msg("vnic_shutdown", vnic=VNIC), "sender": "hv2"})),
+    ("not-connected", "hv1", "vn_disconnect",
+     orjson.dumps(_msg("vn_disconnect", vnic=VNIC, vn={"alias": "green"}))),
+]
+
+EXPECTED = {
+    "empty": "bad_message", "truncated": "bad_message", "not-an-object": "bad_message",
+    "invalid-utf8": "bad_message", "nul-bytes": "bad_message", "deeply-nested": "bad_message",
+    "version-2": "unsupported_version", "unknown-kind": "unknown_kind",
+    "extra-field": "bad_message", "vnic-not-uuid": "bad_message",
+    "broadcast-mac": "bad_message", "multicast-mac": "bad_message", "zero-mac": "bad_message",
+    "bad-ip": "bad_message", "prefix-host-bits": "bad_message",
+    "alias-injection": "bad_message", "alias-key-injection": "bad_message",
+    "vn-id-zero": "bad_message", "port-injection": "bad_message",
+    "sender-mismatch": "sender_mismatch", "kind-mismatch": "sender_mismatch",
+    "unknown-vn": "unknown_vn", "unknown-vnic": "unknown_vnic", "l3-without-ip": "ip_required",
+    "other-hypervisors-vnic": "vnic_owned_elsewhere", "not-connected": "unknown_vn",
+}
+
+
+def _local(cp: Slice) -> tuple[Any, Any]:
+    tables = cp.nves["nve1"].core.tables()
+    return tables["vnics"], tables["ports"]
+
+
+async def _request(cp: Slice, hv: str, kind: str, payload: bytes) -> dict[str, Any]:
+    nc = cp._conns[0]
+    subject = cp.ep.subjects.hv_request("nve1", hv, kind)
+    msg = await nc.request(subject, payload, timeout=5)
+    reply: dict[str, Any] = orjson.loads(msg.data)
+    return reply
+
+
+async def test_every_bad_input_gets_its_typed_error_and_changes_nothing(cp: Slice) -> None:
+    before_tables = _local(cp)
+    before_keys = await cp.keys()
+    codes = {}
+    for name, hv, kind, payload in CASES:
+        reply = await _request(cp, hv, kind, payload)
+        assert reply["kind"] == "error", (name, reply)
+        assert reply["reason"]
+        codes[name] = reply["code"]
+    assert codes == EXPECTED
+    assert _local(cp) == before_tables
+    assert await cp.keys() == before_keys
+
+
+async def test_same_seq_with_different_content_is_refused(cp: Slice) -> None:
+    first = await _request(cp, "hv1", "addr_associate",
+                           orjson.dumps(_assoc("02:00:00:00:00:0b", seq=99)))
+    assert first["kind"] == "ok"
+    keys = await cp.keys()
+    second = await _request(cp, "hv1", "addr_associate",
+                            orjson.dumps(_assoc("02:00:00:00:00:0c", seq=99)))
+    assert second["code"] == "seq_conflict"
+    assert await cp.keys() == keys
+
+
+async def test_oversize_payload_is_refused_before_parsing(cp: Slice) -> None:
+    nc = cp._conns[0]
+    if nc.max_payload <= MAX_PAYLOAD:
+        # The server refuses it for us: nats-py raises before anything is sent.
+        from nats.errors import MaxPayloadError
+
+        with pytest.raises(MaxPayloadError):
+            await nc.request(cp.ep.subjects.hv_request("nve1", "hv1", "addr_associate"),
+                             b"x" * (nc.max_payload + 1), timeout=2)
+    from schemas.errors import BadMessage
+    from schemas.wire import decode_hypervisor
+
+    with pytest.raises(BadMessage):
+        decode_hypervisor(b" " * (MAX_PAYLOAD + 1))
+
+
+async def test_ima_refuses_bad_vn_create(cp: Slice) -> None:
+    nc = cp._conns[0]
+    for payload, code in [
+        (b"{}", "bad_message"),
+        (orjson.dumps({"kind": "vn_create", "alias": "x", "vn_id": 0}), "bad_message"),
+        (orjson.dumps({"kind": "vn_create", "alias": "a/../b"}), "bad_message"),
+        (orjson.dumps({"kind": "vn_create", "alias": "blue", "service": "l3"}), "vn_exists"),
+    ]:
+        msg = await nc.request(cp.ep.subjects.ima("create"), payload, timeout=5)
+        assert orjson.loads(msg.data)["code"] == code, payload

@@ -1,0 +1,86 @@
+"""The ``nvo3`` console script against a running slice: exit codes and --json."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from tests.slice import Slice, start_slice
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def cp(
+    nats_urls: list[str], etcd_endpoints: list[str], key_prefix: str, subject_root: str
+) -> AsyncIterator[Slice]:
+    s = await start_slice(nats_urls, etcd_endpoints, key_prefix, subject_root, ("nve1",))
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+async def nvo3(cp: Slice, *args: str) -> tuple[int, bytes, bytes]:
+    env = {**os.environ, "NVO3_NATS": ",".join(cp.ep.nats), "NVO3_ETCD": ",".join(cp.ep.etcd),
+           "NVO3_KEY_ROOT": cp.ep.key_root, "NVO3_SUBJECT_ROOT": cp.ep.subject_root}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nvo3.cli", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+async def test_vn_create_list_show(cp: Slice) -> None:
+    rc, out, err = await nvo3(cp, "vn", "create", "blue", "--service", "l3", "--json")
+    assert rc == 0, err
+    created = orjson.loads(out)[0]
+    assert created["alias"] == "blue"
+    assert created["service"] == "l3"
+    rc, out, _ = await nvo3(cp, "vn", "list", "--json")
+    assert rc == 0
+    assert [v["name"] for v in orjson.loads(out)] == [created["name"]]
+    for ref in ("blue", created["name"], str(created["vn_id"])):
+        rc, out, _ = await nvo3(cp, "vn", "show", ref)
+        assert rc == 0
+        assert str(created["vni"]).encode() in out
+    rc, _, err = await nvo3(cp, "vn", "create", "blue", "--service", "l2")
+    assert rc == 1
+    assert b"vn_exists" in err
+    rc, _, err = await nvo3(cp, "vn", "show", "nope")
+    assert rc == 1
+    assert b"unknown_vn" in err
+
+
+async def test_nve_tables(cp: Slice) -> None:
+    rc, out, err = await nvo3(cp, "nve", "tables", "nve1", "--json")
+    assert rc == 0, err
+    assert orjson.loads(out)["nve"] == "nve1"
+    rc, out, _ = await nvo3(cp, "nve", "tables", "nve1")
+    assert rc == 0
+    assert b"802.1Q tags per port" in out
+    rc, _, err = await nvo3(cp, "nve", "tables", "no-such-nve")
+    assert rc == 3, err
+
+
+async def test_agent_run_once_applies_an_inventory(cp: Slice, tmp_path: object) -> None:
+    import pathlib
+
+    assert cp.client is not None
+    await cp.client.create("blue")
+    path = pathlib.Path(str(tmp_path)) / "inv.yaml"
+    path.write_text(
+        "hypervisor: hv1\nnve: nve1\nvnics:\n"
+        "  - name: 6f1c2c4e-2a3b-4c5d-8e9f-0a1b2c3d4e5f\n    port: eth0\n    vns:\n"
+        "      - vn: {alias: blue}\n        addresses:\n"
+        "          - {mac: '02:00:00:00:00:01', ips: [10.0.0.1]}\n")
+    rc, out, err = await nvo3(cp, "agent", "run", "--inventory", str(path), "--once")
+    assert rc == 0, err
+    assert b"inventory applied" in out
+    assert len([k for k in await cp.keys() if "/map/" in k]) == 2

@@ -1,0 +1,22 @@
+"""``make demo``'s entry point: exit code 0 and the summary, twice in a row."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from nvo3 import demo
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_demo_runs_twice_and_cleans_up() -> None:
+    for _ in range(2):
+        out = io.StringIO()
+        assert demo.main(out=out) == 0
+        text = out.getvalue()
+        assert "demo ok: 2 VNs, 4 agents, 6 VNICs" in text
+        assert "refused: mac_conflict,ip_required" in text
+        assert "/nvo3/vn/name/" in text
+        assert "/nvo3/map/" in text

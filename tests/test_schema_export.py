@@ -1,0 +1,17 @@
+"""The committed JSON Schemas in docs/schemas must match the models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from schemas.export import all_schemas, render
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "schemas"
+
+
+def test_committed_schemas_match_the_models() -> None:
+    expected = {f"{name}.json": render(schema) for name, schema in all_schemas().items()}
+    committed = {p.name: p.read_bytes() for p in DOCS.glob("*.json")}
+    assert committed.keys() == expected.keys(), "run: nvo3 schema export docs/schemas"
+    stale = [name for name, data in expected.items() if committed[name] != data]
+    assert not stale, f"stale schemas {stale}; run: nvo3 schema export docs/schemas"
