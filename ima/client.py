@@ -7,7 +7,17 @@ from nats.aio.client import Client as Nats
 from pydantic import BaseModel
 
 from schemas.messages import ErrorReply, ServiceType, VnRef
-from schemas.operator import VnCreate, VnGet, VnList, VnListReply, VnReply
+from schemas.operator import (
+    ProfileGet,
+    ProfileReply,
+    ProfileSet,
+    VnCreate,
+    VnGet,
+    VnList,
+    VnListReply,
+    VnReply,
+)
+from schemas.profile import VnProfile
 from schemas.records import VnRecord
 from schemas.subjects import Subjects
 from schemas.wire import dumps
@@ -46,6 +56,13 @@ class ImaClient:
 
     async def get(self, ref: VnRef) -> VnRecord:
         return VnReply.model_validate_json(await self._call("get", VnGet(vn=ref))).vn
+
+    async def set_profile(self, ref: VnRef, profile: VnProfile) -> ProfileReply:
+        data = await self._call("profile_set", ProfileSet(vn=ref, profile=profile))
+        return ProfileReply.model_validate_json(data)
+
+    async def get_profile(self, ref: VnRef) -> ProfileReply:
+        return ProfileReply.model_validate_json(await self._call("profile_get", ProfileGet(vn=ref)))
 
     async def list(self) -> list[VnRecord]:
         return VnListReply.model_validate_json(await self._call("list", VnList())).vns

@@ -40,6 +40,12 @@ class KeyLayout:
     def vn_vni(self, vni: int) -> str:
         return f"{self.root}vn/vni/{vni}"
 
+    def vn_profile(self, name: str) -> str:
+        return f"{self.root}vn/profile/{name}"
+
+    def vn_profiles_prefix(self) -> str:
+        return f"{self.root}vn/profile/"
+
     # Address mappings [4.2]
     def map_prefix(self, vn: str) -> str:
         return f"{self.root}map/{vn}/"

@@ -22,6 +22,7 @@ from ima.keys import KeyLayout
 from ima.store import EtcdStore, KeyMissing, Put
 from schemas.errors import Conflict, ErrorCode, Exhausted, UnknownVn
 from schemas.messages import ServiceType, VnRef
+from schemas.profile import VnProfile
 from schemas.records import VnPointer, VnRecord
 from schemas.types import MAX_VN_ID, MAX_VNI
 
@@ -130,6 +131,22 @@ class VnRegistry:
             # candidate VNI/ID was taken by another VN (next loop probes on).
         raise Exhausted(
             ErrorCode.VNI_EXHAUSTED, f"no free VN context found after {MAX_ATTEMPTS} attempts"
+        )
+
+    async def set_profile(self, ref: VnRef, profile: VnProfile) -> VnProfile:
+        """Store a VN's profile [4.5]; NVEs serving the VN see it through a watch."""
+        record = await self.resolve(ref)
+        data = profile.model_dump(mode="json", exclude={"revision"})
+        revision = await self._store.put(self._keys.vn_profile(record.name), orjson.dumps(data))
+        return profile.model_copy(update={"revision": revision})
+
+    async def get_profile(self, ref: VnRef) -> VnProfile | None:
+        record = await self.resolve(ref)
+        kv = await self._store.get(self._keys.vn_profile(record.name))
+        if kv is None:
+            return None
+        return VnProfile.model_validate_json(kv.value).model_copy(
+            update={"revision": kv.mod_revision}
         )
 
     async def _existing(self, alias: str, name: str | None) -> VnRecord | None:

@@ -22,7 +22,16 @@ from ima.registry import VnRegistry
 from ima.store import EtcdStore, StoreError
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.messages import ErrorReply
-from schemas.operator import VnCreate, VnGet, VnList, VnListReply, VnReply
+from schemas.operator import (
+    ProfileGet,
+    ProfileReply,
+    ProfileSet,
+    VnCreate,
+    VnGet,
+    VnList,
+    VnListReply,
+    VnReply,
+)
 from schemas.subjects import Subjects
 from schemas.wire import decode_model, dumps
 
@@ -48,7 +57,7 @@ class ImaService:
     async def run(self) -> None:
         subs = [
             await self.nc.subscribe(self.subjects.ima(op), queue=QUEUE_GROUP)
-            for op in ("create", "get", "list")
+            for op in ("create", "get", "list", "profile_set", "profile_get")
         ]
         try:
             async with asyncio.TaskGroup() as tg:
@@ -90,5 +99,14 @@ class ImaService:
         if op == "get":
             get = decode_model(data, VnGet)
             return VnReply(vn=await self.registry.resolve(get.vn))
+        if op == "profile_set":
+            ps = decode_model(data, ProfileSet)
+            record = await self.registry.resolve(ps.vn)
+            profile = await self.registry.set_profile(ps.vn, ps.profile)
+            return ProfileReply(vn=record.name, profile=profile)
+        if op == "profile_get":
+            pg = decode_model(data, ProfileGet)
+            record = await self.registry.resolve(pg.vn)
+            return ProfileReply(vn=record.name, profile=await self.registry.get_profile(pg.vn))
         decode_model(data, VnList)
         return VnListReply(vns=await self.registry.list())

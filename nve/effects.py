@@ -14,12 +14,17 @@ from schemas.records import IpBinding, MacBinding
 
 @dataclass(frozen=True, slots=True)
 class BindMac:
+    """Publish a binding.  ``claim``: take it over from whichever NVE holds it
+    (a migration arrival), with the mobility rules of ``ima.mobility``."""
+
     binding: MacBinding
+    claim: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class BindIp:
     binding: IpBinding
+    claim: bool = False
 
 
 @dataclass(frozen=True, slots=True)

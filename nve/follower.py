@@ -39,6 +39,7 @@ class VnFollower:
         counters: Counter[str],
         latencies: deque[int],
         on_change: Callable[[], None],
+        on_foreign: Callable[[str, str, str, Binding], None] | None = None,
     ) -> None:
         self.vn = vn
         self._store = store
@@ -47,6 +48,7 @@ class VnFollower:
         self._counters = counters
         self._latencies = latencies
         self._on_change = on_change
+        self._on_foreign = on_foreign
 
     async def run(self) -> None:
         prefix = self._layout.map_prefix(self.vn)
@@ -70,9 +72,13 @@ class VnFollower:
                 continue
             _, kind, addr = parsed
             try:
-                snapshot.append((f"{kind}/{addr}", decode_binding(kind, kv.value)))
+                binding = decode_binding(kind, kv.value)
             except ValidationError:
                 self._counters["bad_ima_records"] += 1
+                continue
+            snapshot.append((f"{kind}/{addr}", binding))
+            if self._on_foreign is not None and binding.nve != self._remote.nve_id:
+                self._on_foreign(self.vn, f"{kind}/{addr}", kv.key, binding)
         self._remote.load_snapshot(self.vn, snapshot, revision)
         self._counters["relists"] += 1
         self._on_change()
@@ -97,6 +103,9 @@ class VnFollower:
                 continue
             if self._remote.put(self.vn, entry, binding, ev.mod_revision):
                 self._counters["remote_puts"] += 1
-                if binding.ts_ns and binding.nve != self._remote.nve_id:
-                    self._latencies.append(now - binding.ts_ns)
+                if binding.nve != self._remote.nve_id:
+                    if binding.ts_ns:
+                        self._latencies.append(now - binding.ts_ns)
+                    if self._on_foreign is not None:
+                        self._on_foreign(self.vn, entry, ev.key, binding)
         self._on_change()

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -22,18 +22,21 @@ from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 
 from ima.keys import KeyLayout
+from ima.mobility import MobilityPolicy
 from ima.registry import VnRegistry
-from ima.store import Delete, EtcdStore, Put
-from nve.core import NveCore
+from ima.store import EtcdStore, WatchCompacted
+from nve.core import NveCore, Timers
 from nve.effects import BindIp, BindMac, Effect, StartWatch, StopWatch, UnbindIp, UnbindMac
 from nve.follower import VnFollower
+from nve.remote import Binding
 from nve.resolver import VnResolver
-from nve.writer import ImaWriter
+from nve.writer import ImaWriter, WriteClaim, WriteDelete, WriteOp, WritePut, WriteReport
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.messages import ErrorReply, HypervisorMessage, OkReply
+from schemas.messages import AddrObserved, ErrorReply, HypervisorMessage, OkReply, VnRef
+from schemas.profile import VnProfile
 from schemas.records import NveRecord, VnRecord
 from schemas.subjects import Subjects
-from schemas.wire import decode_hypervisor, dumps
+from schemas.wire import decode_hypervisor, decode_model, dumps
 
 _log = logging.getLogger(__name__)
 
@@ -44,6 +47,18 @@ class NveConfig:
     underlay: str
     lease_ttl: int = 5
     pending_limit: int = 65_536  # NATS subscription buffer (messages)
+    hold_s: float = 30.0  # departure without handshake: bindings held this long [4.3]
+    prepare_s: float = 120.0  # a pre-arrival that never arrives is dropped after this
+    glean_s: float = 300.0  # gleaned addresses age out after this
+    tick_s: float = 0.25  # timer resolution
+    port_scopes: tuple[tuple[str, str], ...] = ()  # ("hv/port", scope): shared tag spaces
+    mobility: MobilityPolicy = field(default_factory=MobilityPolicy)
+
+    @property
+    def timers(self) -> Timers:
+        second = 10**9
+        return Timers(int(self.hold_s * second), int(self.prepare_s * second),
+                      int(self.glean_s * second))
 
 
 def _json(model: Any) -> bytes:
@@ -65,10 +80,11 @@ class NveService:
         self.store = store
         self.layout = layout or KeyLayout()
         self.subjects = subjects or Subjects()
-        self.core = NveCore(config.nve_id, config.underlay)
+        self.core = NveCore(config.nve_id, config.underlay, timers=config.timers,
+                            port_scopes=dict(config.port_scopes))
         self.counters: Counter[str] = Counter()
         self.latencies: deque[int] = deque(maxlen=200_000)
-        self.writer = ImaWriter(store, self.counters)
+        self.writer = ImaWriter(store, self.counters, config.nve_id, config.mobility)
         self.resolver = VnResolver(VnRegistry(store, self.layout))
         self.epoch = time.time_ns()
         self.lease_id = 0
@@ -91,6 +107,8 @@ class NveService:
             self.subjects.nve_requests(cfg.nve_id), pending_msgs_limit=cfg.pending_limit
         )
         tables = await self.nc.subscribe(self.subjects.nve_tables(cfg.nve_id))
+        observed = await self.nc.subscribe(self.subjects.nve_observed(cfg.nve_id))
+        profile_rev = await self._load_profiles()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -101,10 +119,13 @@ class NveService:
                 )
                 tg.create_task(self._serve_requests(requests), name=f"{cfg.nve_id}-requests")
                 tg.create_task(self._serve_tables(tables), name=f"{cfg.nve_id}-tables")
+                tg.create_task(self._serve_observed(observed), name=f"{cfg.nve_id}-glean")
+                tg.create_task(self._timers(), name=f"{cfg.nve_id}-timers")
+                tg.create_task(self._follow_profiles(profile_rev), name=f"{cfg.nve_id}-profiles")
                 self.ready.set()
         finally:
             self._tg = None
-            for sub in (requests, tables):
+            for sub in (requests, tables, observed):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
             # A graceful stop withdraws our bindings at once instead of waiting for the
@@ -140,7 +161,8 @@ class NveService:
                     f"subject says hypervisor={subject_hv} kind={subject_kind}",
                 )
             vn = await self._resolve(request)
-            outcome = self.core.apply(request, vn, time.time_ns())
+            vns = await self._resolve_many(request)
+            outcome = self.core.apply(request, vn, time.time_ns(), vns=vns)
         except ProtocolError as exc:
             self.counters[f"errors.{exc.code}"] += 1
             await self._reply(msg, ErrorReply(seq=seq, code=exc.code, reason=exc.reason,
@@ -150,19 +172,24 @@ class NveService:
         if outcome.replayed:
             self.counters["replays"] += 1
         ops = self._execute(outcome.effects)
+        self.counters[f"ima_ops.{kind}"] += len(ops)
         done = await self.writer.submit(ops)
-        reply = OkReply(seq=seq, op=kind, result=outcome.result, ima_ops=len(ops))
+        reply = OkReply(seq=seq, op=kind, result=outcome.result, results=outcome.results,
+                        ima_ops=len(ops))
         self._changed.set()
-        if not msg.reply:
-            return
         task = asyncio.create_task(self._reply_when(done, msg, reply))
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
 
     async def _resolve(self, request: HypervisorMessage) -> VnRecord | None:
         ref = getattr(request, "vn", None)
-        if ref is None:
-            return None
+        return None if ref is None else await self._resolve_ref(ref)
+
+    async def _resolve_many(self, request: HypervisorMessage) -> dict[VnRef, VnRecord]:
+        specs = getattr(request, "vns", ())
+        return {spec.vn: await self._resolve_ref(spec.vn) for spec in specs}
+
+    async def _resolve_ref(self, ref: VnRef) -> VnRecord:
         try:
             return await self.resolver.resolve(ref)
         except ProtocolError:
@@ -170,29 +197,74 @@ class NveService:
         except Exception as exc:  # the IMA is unreachable: refuse, change nothing
             raise ProtocolError(ErrorCode.IMA_UNAVAILABLE, f"cannot resolve VN: {exc}") from exc
 
-    def _execute(self, effects: tuple[Effect, ...]) -> list[Put | Delete]:
-        ops: list[Put | Delete] = []
+    def _execute(self, effects: tuple[Effect, ...]) -> list[WriteOp]:
+        ops: list[WriteOp] = []
         keys = self.layout
+        lease = self.lease_id
         for eff in effects:
             if isinstance(eff, BindMac):
                 b = eff.binding
-                ops.append(Put(keys.mac(b.vn, b.mac), _json(b), lease=self.lease_id))
+                key = keys.mac(b.vn, b.mac)
+                ops.append(WriteClaim(key, "mac", b, lease) if eff.claim
+                           else WritePut(key, _json(b), lease))
             elif isinstance(eff, BindIp):
                 ib = eff.binding
-                ops.append(Put(keys.ip(ib.vn, ib.ip), _json(ib), lease=self.lease_id))
+                key = keys.ip(ib.vn, ib.ip)
+                ops.append(WriteClaim(key, "ip", ib, lease) if eff.claim
+                           else WritePut(key, _json(ib), lease))
             elif isinstance(eff, UnbindMac):
-                ops.append(Delete(keys.mac(eff.vn, eff.mac)))
+                ops.append(WriteDelete(keys.mac(eff.vn, eff.mac)))
             elif isinstance(eff, UnbindIp):
-                ops.append(Delete(keys.ip(eff.vn, eff.ip)))
+                ops.append(WriteDelete(keys.ip(eff.vn, eff.ip)))
             elif isinstance(eff, StartWatch):
                 self._start_follower(eff.vn)
             elif isinstance(eff, StopWatch):
                 self._stop_follower(eff.vn)
         return ops
 
-    async def _reply_when(self, done: asyncio.Future[int], msg: Msg, reply: OkReply) -> None:
-        await done
-        await self._reply(msg, reply)
+    async def _reply_when(
+        self, done: asyncio.Future[WriteReport], msg: Msg, reply: OkReply
+    ) -> None:
+        report = await done
+        failure: ErrorReply | None = None
+        if report.lost:
+            # Another NVE won the compare-and-swap: the address is not ours.
+            for key in report.lost:
+                self._lost(key)
+            failure = ErrorReply(
+                seq=reply.seq, code=ErrorCode.MAC_CONFLICT,
+                reason=f"lost to another NVE in the IMA: {', '.join(report.lost)}",
+                details={"keys": ",".join(report.lost)})
+        elif report.frozen:
+            failure = ErrorReply(
+                seq=reply.seq, code=ErrorCode.ADDRESS_FROZEN,
+                reason="; ".join(f"{k}: {why}" for k, why in report.frozen.items()),
+                details={"keys": ",".join(report.frozen)})
+            _log.warning("NVE %s: frozen addresses %s", self.config.nve_id, report.frozen)
+        if failure is not None:
+            self.counters[f"errors.{failure.code}"] += 1
+        if msg.reply:
+            await self._reply(msg, failure or reply)
+
+    def _lost(self, key: str) -> None:
+        parsed = self.layout.parse_map_key(key)
+        if parsed is not None:
+            vn, kind, addr = parsed
+            self._execute(self.core.taken_over(vn, f"{kind}/{addr}", "?"))
+
+    def _foreign(self, vn: str, entry: str, key: str, binding: Binding) -> None:
+        """The watch shows another NVE holding a key: if it was ours, it moved."""
+        kind, _, addr = entry.partition("/")
+        local = (self.core.mac_owner.get((vn, addr)) if kind == "mac"
+                 else self.core.ip_owner.get((vn, addr.replace("_", "/"))))
+        if local is None and key not in self.writer.owned:
+            return
+        self.writer.disown(key)
+        self.counters["taken_over"] += 1
+        effects = self.core.taken_over(vn, entry, binding.nve)
+        ops = self._execute(effects)
+        if ops:  # taken_over never writes; keep the invariant visible if it ever does
+            raise AssertionError(f"taken_over produced IMA writes: {ops}")
 
     async def _reply(self, msg: Msg, reply: OkReply | ErrorReply) -> None:
         if not msg.reply:
@@ -209,7 +281,7 @@ class NveService:
             old.cancel()
         follower = VnFollower(
             vn, self.store, self.layout, self.core.remote, self.counters, self.latencies,
-            self._changed.set,
+            self._changed.set, self._foreign,
         )
         self._followers[vn] = self._tg.create_task(follower.run(), name=f"follow-{vn}")
 
@@ -217,6 +289,73 @@ class NveService:
         task = self._followers.pop(vn, None)
         if task is not None:
             task.cancel()
+
+    # ------------------------------------------------------ timers, gleaning
+
+    async def _timers(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_s)
+            effects = self.core.tick(time.time_ns())
+            if effects:
+                ops = self._execute(effects)
+                self.counters["ima_ops.timers"] += len(ops)
+                await self.writer.submit(ops)
+                self._changed.set()
+
+    async def _serve_observed(self, sub: Any) -> None:
+        async for msg in sub.messages:
+            try:
+                obs = decode_model(msg.data, AddrObserved)
+                outcome = self.core.observe(obs, time.time_ns())
+            except ProtocolError as exc:
+                self.counters[f"glean_refused.{exc.code}"] += 1
+                if msg.reply:
+                    await self._reply(msg, ErrorReply(code=exc.code, reason=exc.reason))
+                continue
+            ops = self._execute(outcome.effects)
+            self.counters["ima_ops.addr_observed"] += len(ops)
+            done = await self.writer.submit(ops)
+            self._changed.set()
+            if msg.reply:
+                reply = OkReply(op="addr_observed", ima_ops=len(ops))
+                task = asyncio.create_task(self._reply_when(done, msg, reply))
+                self._replies.add(task)
+                task.add_done_callback(self._replies.discard)
+
+    # ------------------------------------------------------------- profiles
+
+    async def _load_profiles(self) -> int:
+        items, revision = await self.store.get_prefix(self.layout.vn_profiles_prefix())
+        for kv in items:
+            self._set_profile(kv.key, kv.value, kv.mod_revision)
+        return revision
+
+    async def _follow_profiles(self, revision: int) -> None:
+        """VN profiles [4.5] pushed to this NVE when the IMA's copy changes."""
+        prefix = self.layout.vn_profiles_prefix()
+        while True:
+            try:
+                async with self.store.watch_prefix(prefix, revision + 1) as watch:
+                    async for events in watch:
+                        for ev in events:
+                            if ev.kind == "put":
+                                self._set_profile(ev.key, ev.value, ev.mod_revision)
+                            else:
+                                self.core.profiles.pop(ev.key[len(prefix):], None)
+                        self.counters["profile_updates"] += len(events)
+                        self._changed.set()
+            except WatchCompacted:
+                self.counters["relists_after_compaction"] += 1
+                revision = await self._load_profiles()
+
+    def _set_profile(self, key: str, value: bytes, revision: int) -> None:
+        name = key.rsplit("/", 1)[-1]
+        try:
+            profile = VnProfile.model_validate_json(value)
+        except ValueError:
+            self.counters["bad_ima_records"] += 1
+            return
+        self.core.profiles[name] = profile.model_copy(update={"revision": revision})
 
     # ------------------------------------------------------------ operators
 

@@ -1,11 +1,22 @@
-"""Batched, ordered IMA writes for one NVE.
+"""Batched, ordered, ownership-checked IMA writes for one NVE.
 
 Requests are applied to the core one at a time, but their IMA writes are
 queued here and committed together: a batch takes everything waiting (up to
 ``max_batch_ops``), keeps only the last write per key (a put then a delete of
 the same key is just the delete), and commits it in etcd transactions of at
-most 128 operations.  Each request's future resolves when its writes are
-durable, so the reply to the hypervisor means "registered in the IMA".
+most 128 operations.  Each request's future resolves with a ``WriteReport``
+once its writes are durable, so the reply to the hypervisor means
+"registered in the IMA".
+
+Every write is conditional (compare-and-swap on the key's mod revision):
+  * a put of a key we own compares with the revision of our last write, a put
+    of a new key requires the key to be missing;
+  * a delete only removes a key that is still ours;
+  * a claim (migration arrival) reads the current holder, applies the EVPN
+    mobility rules (``ima.mobility``) and compares on the holder's revision.
+So a stale writer - an old NVE after its VNIC moved, a late withdraw - can
+never overwrite or remove the new location.  A write that loses is reported
+(``lost``), never retried blindly.
 
 Transient etcd failures are retried forever with capped backoff: the queue is
 bounded, so a stuck IMA back-pressures the request loop instead of dropping.
@@ -15,28 +26,88 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ima.store import Delete, EtcdStore, Put, StoreUnavailable
+import orjson
+from pydantic import ValidationError
+
+from ima.mobility import MobilityPolicy, claim
+from ima.store import (
+    Compare,
+    Delete,
+    EtcdStore,
+    Get,
+    KeyMissing,
+    KeyValue,
+    ModRevisionEquals,
+    Put,
+    StoreUnavailable,
+)
+from nve.follower import decode_binding
+from nve.remote import Binding
+from schemas.errors import ProtocolError
 
 _log = logging.getLogger(__name__)
 
-Op = Put | Delete
+MAX_TXN_OPS = 128
+
+
+@dataclass(frozen=True)
+class WritePut:
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class WriteDelete:
+    key: str
+
+
+@dataclass(frozen=True)
+class WriteClaim:
+    """Take a binding over from whichever NVE holds it (migration arrival)."""
+
+    key: str
+    kind: str  # "mac" | "ip"
+    binding: Binding
+    lease: int = 0
+
+
+WriteOp = WritePut | WriteDelete | WriteClaim
+
+
+@dataclass
+class WriteReport:
+    revision: int = 0
+    lost: list[str] = field(default_factory=list)  # held by another NVE: not written
+    frozen: dict[str, str] = field(default_factory=dict)  # key -> reason (duplicate detection)
 
 
 @dataclass
 class _Pending:
-    ops: list[Op]
-    done: asyncio.Future[int]
+    ops: list[WriteOp]
+    done: asyncio.Future[WriteReport]
+
+
+@dataclass
+class _Planned:
+    op: WriteOp
+    compare: Compare | None  # None: nothing to do (a delete of a key not ours)
+    txn_op: Put | Delete | None
 
 
 @dataclass
 class ImaWriter:
     store: EtcdStore
     counters: Counter[str]
+    nve_id: str = ""
+    policy: MobilityPolicy = field(default_factory=MobilityPolicy)
     max_batch_ops: int = 4096
     queue_size: int = 10_000
+    owned: dict[str, int] = field(default_factory=dict)  # key -> mod revision we wrote
     _queue: asyncio.Queue[_Pending] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -46,11 +117,15 @@ class ImaWriter:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    async def submit(self, ops: list[Op]) -> asyncio.Future[int]:
-        """Queue ``ops``; the returned future gives the commit revision."""
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    def disown(self, key: str) -> None:
+        """Another NVE holds ``key`` now (seen on the watch)."""
+        self.owned.pop(key, None)
+
+    async def submit(self, ops: list[WriteOp]) -> asyncio.Future[WriteReport]:
+        """Queue ``ops``; the returned future gives what happened to them."""
+        done: asyncio.Future[WriteReport] = asyncio.get_running_loop().create_future()
         if not ops:
-            done.set_result(0)
+            done.set_result(WriteReport())
             return done
         await self._queue.put(_Pending(ops, done))
         return done
@@ -63,28 +138,165 @@ class ImaWriter:
                 item = self._queue.get_nowait()
                 batch.append(item)
                 size += len(item.ops)
-            merged: dict[str, Op] = {}
+            merged: dict[str, WriteOp] = {}
+            sources: dict[str, list[_Pending]] = {}
             for item in batch:
                 for op in item.ops:
                     merged.pop(op.key, None)  # re-insert so order follows the last write
                     merged[op.key] = op
-            revision = await self._commit(list(merged.values()))
+                    sources.setdefault(op.key, []).append(item)
+            report = await self._retrying(list(merged.values()))
             for item in batch:
-                if not item.done.done():
-                    item.done.set_result(revision)
+                if item.done.done():
+                    continue
+                mine = {op.key for op in item.ops}
+                item.done.set_result(
+                    WriteReport(
+                        report.revision,
+                        [k for k in report.lost if k in mine],
+                        {k: v for k, v in report.frozen.items() if k in mine},
+                    )
+                )
 
-    async def _commit(self, ops: list[Op]) -> int:
+    async def _retrying(self, ops: list[WriteOp]) -> WriteReport:
         backoff = 0.05
         while True:
             try:
-                result = await self.store.commit(ops)
+                return await self._commit(ops)
             except StoreUnavailable as exc:
                 self.counters["ima_retries"] += 1
                 _log.warning("IMA commit of %d ops failed (%s); retrying", len(ops), exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-                continue
-            self.counters["ima_txns"] += result.txns
-            for op in ops:
-                self.counters["ima_puts" if isinstance(op, Put) else "ima_deletes"] += 1
-            return result.revision
+
+    # ------------------------------------------------------------ planning
+
+    async def _commit(self, ops: list[WriteOp]) -> WriteReport:
+        report = WriteReport()
+        claims = [op for op in ops if isinstance(op, WriteClaim)]
+        current = await self._read([op.key for op in claims]) if claims else {}
+        planned: list[_Planned] = []
+        for op in ops:
+            plan = self._plan(op, current, report)
+            if plan is not None:
+                planned.append(plan)
+        for start in range(0, len(planned), MAX_TXN_OPS):
+            chunk = planned[start : start + MAX_TXN_OPS]
+            await self._commit_chunk(chunk, report)
+        return report
+
+    def _plan(
+        self, op: WriteOp, current: dict[str, KeyValue], report: WriteReport
+    ) -> _Planned | None:
+        if isinstance(op, WriteDelete):
+            rev = self.owned.get(op.key)
+            if rev is None:
+                return _Planned(op, None, None)  # resolved per key (maybe ours from before)
+            return _Planned(op, ModRevisionEquals(op.key, rev), Delete(op.key))
+        if isinstance(op, WritePut):
+            rev = self.owned.get(op.key)
+            cmp: Compare = KeyMissing(op.key) if rev is None else ModRevisionEquals(op.key, rev)
+            return _Planned(op, cmp, Put(op.key, op.value, lease=op.lease))
+        held = current.get(op.key)
+        holder: Binding | None = None
+        if held is not None:
+            try:
+                holder = decode_binding(op.kind, held.value)
+            except ValidationError:
+                holder = None
+        try:
+            new = claim(holder, op.binding, time.time_ns(), self.policy)  # type: ignore[type-var]
+        except ProtocolError as exc:
+            report.frozen[op.key] = exc.reason
+            self.counters["ima_frozen"] += 1
+            return None
+        if holder is not None and holder.nve != self.nve_id:
+            self.counters["ima_claims"] += 1
+        value = orjson.dumps(new.model_dump(mode="json"))
+        cmp = KeyMissing(op.key) if held is None else ModRevisionEquals(op.key, held.mod_revision)
+        return _Planned(op, cmp, Put(op.key, value, lease=op.lease))
+
+    async def _read(self, keys: list[str]) -> dict[str, KeyValue]:
+        out: dict[str, KeyValue] = {}
+        for start in range(0, len(keys), MAX_TXN_OPS):
+            chunk = keys[start : start + MAX_TXN_OPS]
+            result = await self.store.txn([], [Get(k) for k in chunk])
+            for resp in result.responses:
+                for kv in resp.kvs:
+                    out[kv.key] = kv
+        self.counters["ima_reads"] += 1
+        return out
+
+    # ----------------------------------------------------------- committing
+
+    async def _commit_chunk(self, chunk: list[_Planned], report: WriteReport) -> None:
+        ready = [p for p in chunk if p.compare is not None and p.txn_op is not None]
+        unresolved = [p for p in chunk if p.compare is None]
+        if ready:
+            result = await self.store.txn(
+                [p.compare for p in ready if p.compare is not None],
+                [p.txn_op for p in ready if p.txn_op is not None],
+            )
+            self.counters["ima_txns"] += 1
+            if result.succeeded:
+                self._owned_after(ready, result.revision, report)
+            else:
+                self.counters["ima_cas_fallbacks"] += 1
+                unresolved.extend(ready)
+        for plan in unresolved:
+            await self._commit_one(plan, report)
+
+    def _owned_after(self, done: list[_Planned], revision: int, report: WriteReport) -> None:
+        report.revision = max(report.revision, revision)
+        for plan in done:
+            if isinstance(plan.txn_op, Delete):
+                self.owned.pop(plan.op.key, None)
+                self.counters["ima_deletes"] += 1
+            else:
+                self.owned[plan.op.key] = revision
+                self.counters["ima_puts"] += 1
+
+    async def _commit_one(self, plan: _Planned, report: WriteReport) -> None:
+        """One key on its own: find out who holds it and act only if it is ours."""
+        key = plan.op.key
+        kv = await self.store.get(key)
+        mine = kv is not None and _holder(kv.value) == self.nve_id
+        if isinstance(plan.op, WriteDelete):
+            if kv is None or not mine:
+                self.owned.pop(key, None)
+                self.counters["ima_deletes_skipped_not_ours"] += 1
+                return
+            compare: Compare = ModRevisionEquals(key, kv.mod_revision)
+            op: Put | Delete = Delete(key)
+        elif isinstance(plan.op, WriteClaim):
+            # The holder changed between our read and our write: re-plan the claim.
+            current = {} if kv is None else {key: kv}
+            replanned = self._plan(plan.op, current, report)
+            if replanned is None or replanned.compare is None or replanned.txn_op is None:
+                return
+            compare, op = replanned.compare, replanned.txn_op
+        else:
+            if kv is not None and not mine:
+                self.owned.pop(key, None)
+                report.lost.append(key)
+                self.counters["ima_lost"] += 1
+                return
+            assert plan.txn_op is not None
+            compare = KeyMissing(key) if kv is None else ModRevisionEquals(key, kv.mod_revision)
+            op = plan.txn_op
+        result = await self.store.txn([compare], [op])
+        self.counters["ima_txns"] += 1
+        if result.succeeded:
+            self._owned_after([_Planned(plan.op, compare, op)], result.revision, report)
+        else:
+            report.lost.append(key)
+            self.counters["ima_lost"] += 1
+
+
+def _holder(value: bytes) -> str | None:
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    nve = obj.get("nve") if isinstance(obj, dict) else None
+    return nve if isinstance(nve, str) else None

@@ -28,6 +28,10 @@ class ErrorCode(StrEnum):
     IP_CONFLICT = "ip_conflict"
     IP_REQUIRED = "ip_required"  # L3 VN [3.1.2]
     VNI_EXHAUSTED = "vni_exhausted"
+    INVALID_TRANSITION = "invalid_transition"  # lifecycle event not allowed in this state
+    ADDRESS_FROZEN = "address_frozen"  # moved too often: duplicate detection (EVPN)
+    NOT_AUTHORIZED = "not_authorized"  # outside what the VNIC may use
+    AMBIGUOUS = "ambiguous"  # a gleaned address matches no single VNIC
     IMA_UNAVAILABLE = "ima_unavailable"
     INTERNAL = "internal"
 

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, TypeAdapter
 
-from schemas import messages, operator, records
+from schemas import messages, operator, profile, records
 
 MODELS: tuple[type[BaseModel], ...] = (
     messages.VnConnect,
@@ -22,6 +22,11 @@ MODELS: tuple[type[BaseModel], ...] = (
     messages.VnicDisassociate,
     messages.VnicShutdown,
     messages.VnicStartup,
+    messages.VnicPrepare,
+    messages.VnicArrive,
+    messages.VnicDepart,
+    messages.AddrReplace,
+    messages.AddrObserved,
     messages.OkReply,
     messages.ErrorReply,
     operator.VnCreate,
@@ -29,6 +34,10 @@ MODELS: tuple[type[BaseModel], ...] = (
     operator.VnList,
     operator.VnReply,
     operator.VnListReply,
+    operator.ProfileSet,
+    operator.ProfileGet,
+    operator.ProfileReply,
+    profile.VnProfile,
     records.VnRecord,
     records.VnPointer,
     records.MacBinding,

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 
 from schemas.base import PROTOCOL_VERSION, Strict
 from schemas.errors import ErrorCode
+from schemas.profile import VnProfile
 from schemas.types import (
     Alias,
     HypervisorId,
@@ -75,12 +76,17 @@ class Envelope(Strict):
 
 
 class VnConnect(Envelope):
-    """Attach a VNIC on a port to a VN; the reply carries the local tag [4.1]."""
+    """Attach a VNIC on a port to a VN; the reply carries the local tag [4.1].
+
+    ``allowed`` lists the prefixes this VNIC may use in the VN; gleaned
+    addresses outside them are refused (an empty tuple means no restriction).
+    """
 
     kind: Literal["vn_connect"] = "vn_connect"
     vnic: VnicName
     port: PortId
     vn: VnRef
+    allowed: tuple[IpEntry, ...] = Field(default=(), max_length=256)
 
 
 class VnDisconnect(Envelope):
@@ -150,6 +156,57 @@ class VnicStartup(Envelope):
     vnic: VnicName
 
 
+class VnAddresses(Strict):
+    """One VN of a VNIC and the addresses behind it (migration messages)."""
+
+    vn: VnRef
+    entries: tuple[AddressEntry, ...] = Field(default=(), max_length=4096)
+    allowed: tuple[IpEntry, ...] = Field(default=(), max_length=256)
+
+
+class VnicPrepare(Envelope):
+    """Pre-arrival handshake [4.4]: the destination announces a VNIC before it moves.
+
+    The NVE allocates tags on the new port and starts learning the VNs, but
+    writes nothing to the IMA until ``vnic_arrive``.
+    """
+
+    kind: Literal["vnic_prepare"] = "vnic_prepare"
+    vnic: VnicName
+    port: PortId
+    vns: tuple[VnAddresses, ...] = Field(min_length=1, max_length=64)
+
+
+class VnicArrive(Envelope):
+    """Migration arrival [4.4]; ``vns`` may be empty after a prepare or a departure."""
+
+    kind: Literal["vnic_arrive"] = "vnic_arrive"
+    vnic: VnicName
+    port: PortId
+    vns: tuple[VnAddresses, ...] = Field(default=(), max_length=64)
+
+
+class VnicDepart(Envelope):
+    """Migration departure [4.3, 4.4]: unlike shutdown, the bindings are held."""
+
+    kind: Literal["vnic_depart"] = "vnic_depart"
+    vnic: VnicName
+
+
+class AddrReplace(Envelope):
+    """Set a VNIC's whole address set in a VN; the NVE writes only the diff [4.2]."""
+
+    kind: Literal["addr_replace"] = "addr_replace"
+    vnic: VnicName
+    vn: VnRef
+    entries: tuple[AddressEntry, ...] = Field(default=(), max_length=4096)
+
+    @model_validator(mode="after")
+    def _check(self) -> AddrReplace:
+        _entries_unique(self.entries)
+        return self
+
+
 HypervisorMessage = Annotated[
     VnConnect
     | VnDisconnect
@@ -157,7 +214,11 @@ HypervisorMessage = Annotated[
     | AddrDisassociate
     | VnicDisassociate
     | VnicShutdown
-    | VnicStartup,
+    | VnicStartup
+    | VnicPrepare
+    | VnicArrive
+    | VnicDepart
+    | AddrReplace,
     Field(discriminator="kind"),
 ]
 
@@ -169,7 +230,28 @@ HYPERVISOR_KINDS: tuple[str, ...] = (
     "vnic_disassociate",
     "vnic_shutdown",
     "vnic_startup",
+    "vnic_prepare",
+    "vnic_arrive",
+    "vnic_depart",
+    "addr_replace",
 )
+
+
+class AddrObserved(Strict):
+    """A source MAC (and IP) seen by the NVE's data path on a port/tag [4.2, way 1].
+
+    Not a hypervisor request: the NVE's own data path reports it, on
+    ``<root>.v1.nve.<nve>.dp.observed``.
+    """
+
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["addr_observed"] = "addr_observed"
+    hypervisor: HypervisorId
+    port: PortId
+    tag: Tag
+    mac: Mac
+    ip: IpEntry | None = None
+    ts_ns: TimestampNs = 0
 
 
 class ConnectResult(Strict):
@@ -180,6 +262,7 @@ class ConnectResult(Strict):
     vn_id: VnId
     vni: Vni
     service: ServiceType
+    profile: VnProfile | None = None
 
 
 class OkReply(Strict):
@@ -188,6 +271,7 @@ class OkReply(Strict):
     seq: Seq | None = None
     op: str
     result: ConnectResult | None = None
+    results: tuple[ConnectResult, ...] = ()  # one per VN (vnic_prepare, vnic_arrive)
     ima_ops: int = 0  # IMA writes this request caused (signalling, counted)
 
 

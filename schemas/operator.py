@@ -8,6 +8,7 @@ from pydantic import Field
 
 from schemas.base import PROTOCOL_VERSION, Strict
 from schemas.messages import ServiceType, VnRef
+from schemas.profile import VnProfile
 from schemas.records import VnRecord
 from schemas.types import Alias, VnId, VnName
 
@@ -50,3 +51,25 @@ class VnListReply(Strict):
 class TablesQuery(Strict):
     v: Literal[1] = PROTOCOL_VERSION
     kind: Literal["tables_query"] = "tables_query"
+
+
+class ProfileSet(Strict):
+    """Set a VN's profile [4.5]; NVEs serving the VN get it through their watch."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["profile_set"] = "profile_set"
+    vn: VnRef
+    profile: VnProfile
+
+
+class ProfileGet(Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["profile_get"] = "profile_get"
+    vn: VnRef
+
+
+class ProfileReply(Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["profile"] = "profile"
+    vn: VnName
+    profile: VnProfile | None = None

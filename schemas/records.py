@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from schemas.base import PROTOCOL_VERSION, Strict
 from schemas.messages import ServiceType
 from schemas.types import (
@@ -54,6 +56,8 @@ class MacBinding(Strict):
     nve: NveId
     underlay: UnderlayIp
     ts_ns: TimestampNs = 0  # the hypervisor's publish time, for propagation telemetry
+    mobility_seq: int = Field(default=0, ge=0)  # EVPN MAC mobility (RFC 7432 s15)
+    moves_ns: tuple[int, ...] = Field(default=(), max_length=16)  # recent move times
 
 
 class IpBinding(Strict):
@@ -68,6 +72,8 @@ class IpBinding(Strict):
     nve: NveId
     underlay: UnderlayIp
     ts_ns: TimestampNs = 0
+    mobility_seq: int = Field(default=0, ge=0)
+    moves_ns: tuple[int, ...] = Field(default=(), max_length=16)
 
 
 class NveRecord(Strict):

@@ -47,6 +47,10 @@ class Subjects:
     def nve_tables(self, nve: str) -> str:
         return f"{self.base}.nve.{nve}.ctl.tables"
 
+    def nve_observed(self, nve: str) -> str:
+        """The NVE's own data path reports source addresses it saw (gleaning)."""
+        return f"{self.base}.nve.{nve}.dp.observed"
+
     def ima(self, op: str) -> str:
         return f"{self.base}.ima.vn.{op}"
 

@@ -50,8 +50,8 @@ class Slice:
         await ima.ready.wait()
         return ima
 
-    async def start_nve(self, nve_id: str, underlay: str, lease_ttl: int = 5) -> NveService:
-        nve = NveService(NveConfig(nve_id, underlay, lease_ttl=lease_ttl),
+    async def start_nve(self, nve_id: str, underlay: str, **config: Any) -> NveService:
+        nve = NveService(NveConfig(nve_id, underlay, **config),
                          await self.nats(nve_id), await self.new_store(),
                          layout=self.ep.layout, subjects=self.ep.subjects)
         task = asyncio.create_task(nve.run())
@@ -96,6 +96,7 @@ async def start_slice(
     key_prefix: str,
     subject_root: str,
     nve_ids: tuple[str, ...] = ("nve1", "nve2"),
+    **nve_config: Any,
 ) -> Slice:
     ep = Endpoints(nats=tuple(nats_urls), etcd=tuple(etcd_endpoints), key_root=key_prefix,
                    subject_root=subject_root)
@@ -103,6 +104,6 @@ async def start_slice(
     s.store = await s.new_store()
     s.ima = await s.start_ima()
     for i, nve_id in enumerate(nve_ids, start=1):
-        await s.start_nve(nve_id, f"192.0.2.{i}")
+        await s.start_nve(nve_id, f"192.0.2.{i}", **nve_config)
     s.client = ImaClient(await s.nats("operator"), ep.subjects)
     return s
