@@ -29,7 +29,7 @@ from nve.service import NveConfig, NveService
 from nvo3.connect import Endpoints, connect_nats, open_store
 from nvo3.render import nve_tables, vn_table
 from nvo3.servers import LocalServers, find_binary
-from schemas.messages import AddressEntry, VnRef
+from schemas.messages import AddressEntry, VnAddresses, VnRef
 
 CONVERGE_TIMEOUT = 15.0
 
@@ -85,7 +85,19 @@ class DemoResult:
     vnics: int = 0
     ima_keys: int = 0
     refused: list[str] = field(default_factory=list)
+    same_nve_writes: int = -1
+    cross_nve_claims: int = -1
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _writes(nve: NveService) -> int:
+    return nve.counters["ima_puts"] + nve.counters["ima_deletes"]
+
+
+def _signalling(nve: NveService) -> str:
+    keys = ("ima_puts", "ima_deletes", "ima_txns", "ima_claims", "taken_over")
+    msgs = sum(v for k, v in nve.counters.items() if k.startswith("messages."))
+    return f"messages={msgs} " + " ".join(f"{k}={nve.counters[k]}" for k in keys)
 
 
 def _remote_count(nve: NveService) -> int:
@@ -175,7 +187,31 @@ async def run_scenario(ep: Endpoints, out: TextIO, hold: bool = False) -> DemoRe
             await _converge(nves["nve1"], lambda: _remote_count(nves["nve1"]) == 4)
             say("   nve1 dropped web-2's MAC and IP from its remote table")
 
-            say("\n== 5. NVE tables (asked over NATS, as `nvo3 nve tables` does)")
+            say("\n== 5. Migrations (4.3, 4.4): the NVE knows a move from a shutdown")
+            nve1, nve2 = nves["nve1"], nves["nve2"]
+            writes = _writes(nve1)
+            db1 = _vnic("db-1")
+            await agents["hv1"].prepare(db1, "eth0", (VnAddresses(vn=VnRef(alias="blue")),))
+            await agents["hv1"].arrive(db1, "eth0")
+            await agents["hv2"].depart(db1)  # the source's departure, after the move
+            result.same_nve_writes = _writes(nve1) - writes
+            say(f"   db-1 hv2 -> hv1 (same NVE, pre-arrival): {result.same_nve_writes} IMA "
+                f"writes; now on tag {nve1.core.vnics[db1].vns[blue.name].tag} of hv1/eth0")
+            app1 = _vnic("app-1")
+            red_entries = (AddressEntry(mac="02:00:00:00:04:01", ips=("10.2.0.14",)),)
+            await agents["hv2"].prepare(app1, "eth0",
+                                        (VnAddresses(vn=VnRef(alias="red"), entries=red_entries),))
+            await agents["hv4"].depart(app1)
+            arrival = await agents["hv2"].arrive(app1, "eth0")
+            result.cross_nve_claims = arrival.ima_ops
+            await _converge(nve2, lambda: app1 not in nve2.core.vnics)
+            await _converge(nve1, lambda: _remote_count(nve1) == 2)
+            say(f"   app-1 hv4/nve2 -> hv2/nve1 (pre-arrival): {arrival.ima_ops} bindings "
+                "claimed in one etcd txn (mobility seq 1); nve2 dropped it with 0 IMA writes")
+            say("   counters: nve1 " + _signalling(nve1) + "\n             nve2 "
+                + _signalling(nve2))
+
+            say("\n== 6. NVE tables (asked over NATS, as `nvo3 nve tables` does)")
             for nid in nves:
                 msg = await client.nc.request(ep.subjects.nve_tables(nid), b"{}", timeout=5)
                 snap = orjson.loads(msg.data)
@@ -183,13 +219,15 @@ async def run_scenario(ep: Endpoints, out: TextIO, hold: bool = False) -> DemoRe
                 say(nve_tables(snap))
                 say()
 
-            say("== 6. The IMA in etcd (etcdctl get --prefix " + ep.key_root + " --keys-only)")
+            say("== 7. The IMA in etcd (etcdctl get --prefix " + ep.key_root + " --keys-only)")
             keys = _etcdctl_keys(ep)
             result.ima_keys = len(keys)
             for key in keys:
                 say("   " + key)
             say(f"demo ok: {result.vns} VNs, {result.agents} agents, {result.vnics} VNICs, "
-                f"{result.ima_keys} IMA keys, refused: {','.join(result.refused)}")
+                f"{result.ima_keys} IMA keys, refused: {','.join(result.refused)}; "
+                f"migrations: same-NVE {result.same_nve_writes} IMA writes, "
+                f"cross-NVE {result.cross_nve_claims} claims")
             if hold:
                 await _hold(ep, out)
             for task in services:

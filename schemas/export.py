@@ -56,6 +56,19 @@ def render(schema: dict[str, Any]) -> bytes:
     return orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
 
 
+def lifecycle_doc() -> str:
+    """docs/lifecycle.md, generated from ``nve.lifecycle.TRANSITIONS``."""
+    from nve.lifecycle import mermaid, transition_table_markdown
+
+    return (
+        "# VNIC lifecycle (generated)\n\n"
+        "Generated from `nve/lifecycle.py` by `nvo3 schema export docs/schemas`; "
+        "a test fails if this file drifts from the code's transition table.  "
+        "Draft sections 4.3 and 4.4.\n\n"
+        "```mermaid\n" + mermaid() + "```\n\n" + transition_table_markdown()
+    )
+
+
 def export_schemas(directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -63,4 +76,7 @@ def export_schemas(directory: Path) -> list[Path]:
         path = directory / f"{name}.json"
         path.write_bytes(render(schema))
         paths.append(path)
+    lifecycle = directory.parent / "lifecycle.md"
+    lifecycle.write_text(lifecycle_doc())
+    paths.append(lifecycle)
     return paths

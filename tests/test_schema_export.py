@@ -15,3 +15,10 @@ def test_committed_schemas_match_the_models() -> None:
     assert committed.keys() == expected.keys(), "run: nvo3 schema export docs/schemas"
     stale = [name for name, data in expected.items() if committed[name] != data]
     assert not stale, f"stale schemas {stale}; run: nvo3 schema export docs/schemas"
+
+
+def test_committed_lifecycle_diagram_matches_the_transition_table() -> None:
+    from schemas.export import lifecycle_doc
+
+    committed = (DOCS.parent / "lifecycle.md").read_text()
+    assert committed == lifecycle_doc(), "run: nvo3 schema export docs/schemas"
