@@ -130,6 +130,12 @@ class ImaWriter:
         await self._queue.put(_Pending(ops, done))
         return done
 
+    async def flush(self) -> None:
+        """Wait until everything queued before this call is committed (tests, shutdown)."""
+        done: asyncio.Future[WriteReport] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending([], done))
+        await done
+
     async def run(self) -> None:
         while True:
             batch = [await self._queue.get()]

@@ -145,14 +145,18 @@ async def test_gleaning_inside_authorization_ages_out_and_yields_to_explicit(cp:
     wrong_tag = await observe(cp, hypervisor="hv3", port="eth0", tag=99, mac=mac(1))
     assert wrong_tag["code"] == "not_connected"
     # Aging: the gleaned entry disappears by itself.
-    await cp.wait("nve1", lambda: cp.nves["nve1"].core.events.get("glean_aged_out", 0) >= 1)
+    vn_macs = cp.nves["nve1"].core.vnics[A].vns[conn.vn_name].macs
+    await cp.wait("nve1", lambda: not vn_macs)
+    await cp.nves["nve1"].writer.flush()
     assert await map_keys(cp) == set()
     # Explicit association wins over gleaning: it is never aged out.
     await observe(cp, hypervisor="hv3", port="eth0", tag=conn.tag, mac=mac(2), ip="10.5.0.8")
     await hv3.associate(A, BLUE, (AddressEntry(mac=mac(2), ips=("10.5.0.8",)),))
     aged = cp.nves["nve1"].core.events.get("glean_aged_out", 0)
     await observe(cp, hypervisor="hv3", port="eth0", tag=conn.tag, mac=mac(3))
-    await cp.wait("nve1", lambda: cp.nves["nve1"].core.events.get("glean_aged_out", 0) > aged)
+    await cp.wait("nve1", lambda: mac(3) not in vn_macs)
+    await cp.nves["nve1"].writer.flush()
+    assert cp.nves["nve1"].core.events["glean_aged_out"] > aged
     assert len(await map_keys(cp)) == 2  # mac(2) and its IP stay
 
 
