@@ -13,12 +13,14 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client as Nats
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from agents.desired import DesiredState
 from agents.inventory import Inventory
 from schemas.errors import ErrorCode
 from schemas.messages import (
@@ -28,6 +30,7 @@ from schemas.messages import (
     AddrReplace,
     ConnectResult,
     ErrorReply,
+    HvSync,
     OkReply,
     VnAddresses,
     VnConnect,
@@ -86,6 +89,7 @@ class HypervisorAgent:
         self.attempts = attempts
         self._seq = itertools.count(time.time_ns() // 1000)
         self.tags: dict[tuple[str, str], ConnectResult] = {}  # (vnic, vn name) -> result
+        self.desired = DesiredState()
 
     def _envelope(self) -> dict[str, Any]:
         return {"sender": self.hypervisor, "seq": next(self._seq), "ts_ns": time.time_ns()}
@@ -122,73 +126,97 @@ class HypervisorAgent:
 
     # ------------------------------------------------------------ operations
 
+    async def _intended(
+        self, vnic: str, change: Callable[[], None], message: Any, nve: str
+    ) -> OkReply:
+        """Record the intent, send it; a refusal rolls the intent back."""
+        saved = self.desired.snapshot(vnic)
+        change()
+        try:
+            return await self.send(message, nve)
+        except AgentError:
+            self.desired.restore(vnic, saved)
+            raise
+
     async def connect(
         self, vnic: str, port: str, vn: VnRef, allowed: tuple[str, ...] = ()
     ) -> ConnectResult:
         nve = self.nve_for(vn)
-        reply = await self.send(
-            VnConnect(vnic=vnic, port=port, vn=vn, allowed=allowed, **self._envelope()), nve
-        )
+        reply = await self._intended(
+            vnic, lambda: self.desired.connect(vnic, port, vn, allowed),
+            VnConnect(vnic=vnic, port=port, vn=vn, allowed=allowed, **self._envelope()), nve)
         assert reply.result is not None
         self.tags[(vnic, reply.result.vn_name)] = reply.result
         self.vnic_nves.setdefault(vnic, set()).add(nve)
         return reply.result
 
     async def disconnect(self, vnic: str, vn: VnRef) -> OkReply:
-        return await self.send(VnDisconnect(vnic=vnic, vn=vn, **self._envelope()),
-                               self.nve_for(vn))
+        return await self._intended(
+            vnic, lambda: self.desired.disconnect(vnic, vn),
+            VnDisconnect(vnic=vnic, vn=vn, **self._envelope()), self.nve_for(vn))
 
     async def associate(self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]) -> OkReply:
-        return await self.send(
+        return await self._intended(
+            vnic, lambda: self.desired.associate(vnic, vn, entries),
             AddrAssociate(vnic=vnic, vn=vn, entries=entries, **self._envelope()),
-            self.nve_for(vn),
-        )
+            self.nve_for(vn))
 
     async def disassociate(
         self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]
     ) -> OkReply:
-        return await self.send(
+        return await self._intended(
+            vnic, lambda: self.desired.disassociate(vnic, vn, entries),
             AddrDisassociate(vnic=vnic, vn=vn, entries=entries, **self._envelope()),
-            self.nve_for(vn),
-        )
+            self.nve_for(vn))
 
     async def replace(self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]) -> OkReply:
         """Make the NVE's address set for (vnic, vn) exactly ``entries`` [4.2]."""
-        return await self.send(
+        return await self._intended(
+            vnic, lambda: self.desired.replace(vnic, vn, entries),
             AddrReplace(vnic=vnic, vn=vn, entries=entries, **self._envelope()),
-            self.nve_for(vn),
-        )
+            self.nve_for(vn))
 
-    async def _each_nve(self, vnic: str, make: Any) -> OkReply:
+    async def _each_nve(self, vnic: str, change: Callable[[], None], make: Any) -> OkReply:
+        saved = self.desired.snapshot(vnic)
+        change()
         reply: OkReply | None = None
-        for nve in self._nves_of(vnic):
-            reply = await self.send(make(), nve)
+        try:
+            for nve in self._nves_of(vnic):
+                reply = await self.send(make(), nve)
+        except AgentError:
+            self.desired.restore(vnic, saved)
+            raise
         assert reply is not None
         return reply
 
     async def remove_vnic(self, vnic: str) -> OkReply:
         reply = await self._each_nve(
-            vnic, lambda: VnicDisassociate(vnic=vnic, **self._envelope()))
+            vnic, lambda: self.desired.remove(vnic),
+            lambda: VnicDisassociate(vnic=vnic, **self._envelope()))
         self.vnic_nves.pop(vnic, None)
         return reply
 
     async def shutdown(self, vnic: str) -> OkReply:
-        return await self._each_nve(vnic, lambda: VnicShutdown(vnic=vnic, **self._envelope()))
+        return await self._each_nve(vnic, lambda: self.desired.set_state(vnic, "down"),
+                                    lambda: VnicShutdown(vnic=vnic, **self._envelope()))
 
     async def startup(self, vnic: str) -> OkReply:
-        return await self._each_nve(vnic, lambda: VnicStartup(vnic=vnic, **self._envelope()))
+        return await self._each_nve(vnic, lambda: self.desired.set_state(vnic, "up"),
+                                    lambda: VnicStartup(vnic=vnic, **self._envelope()))
 
     async def depart(self, vnic: str) -> OkReply:
         """Migration departure [4.4]: the NVE holds the bindings for its hold time."""
-        return await self._each_nve(vnic, lambda: VnicDepart(vnic=vnic, **self._envelope()))
+        reply = await self._each_nve(vnic, lambda: self.desired.remove(vnic),
+                                     lambda: VnicDepart(vnic=vnic, **self._envelope()))
+        self.vnic_nves.pop(vnic, None)
+        return reply
 
     async def prepare(self, vnic: str, port: str, vns: tuple[VnAddresses, ...]) -> OkReply:
         """Pre-arrival handshake [4.4]: announce a VNIC that is about to move here."""
+        nve = self.nve_for(vns[0].vn)
         reply = await self.send(
-            VnicPrepare(vnic=vnic, port=port, vns=vns, **self._envelope()),
-            self.nve_for(vns[0].vn),
-        )
-        self.vnic_nves.setdefault(vnic, set()).add(self.nve_for(vns[0].vn))
+            VnicPrepare(vnic=vnic, port=port, vns=vns, **self._envelope()), nve)
+        self.vnic_nves.setdefault(vnic, set()).add(nve)
         return reply
 
     async def arrive(
@@ -199,7 +227,43 @@ class HypervisorAgent:
         reply = await self.send(VnicArrive(vnic=vnic, port=port, vns=vns, **self._envelope()),
                                 target)
         self.vnic_nves.setdefault(vnic, set()).add(target)
+        known = {r.vn_name: r for r in reply.results}
+        self.desired.arrive(vnic, port, vns or tuple(
+            VnAddresses(vn=VnRef(name=name)) for name in known))
+        for name, result in known.items():
+            self.tags[(vnic, name)] = result
         return reply
+
+    # -------------------------------------------------------------- resync
+
+    def nves(self) -> set[str]:
+        return {self.nve, *self.routes.values()}
+
+    async def sync(self, nve: str, chunk: int = 500) -> OkReply:
+        """Send this hypervisor's full state for ``nve`` (after it restarted) [4].
+
+        The NVE reconciles and writes only differences; sending it when
+        nothing changed costs no IMA write.
+        """
+        vnics = self.desired.for_nve(lambda vn: self.nve_for(vn) == nve)
+        sync_id = next(self._seq)
+        parts = [vnics[i : i + chunk] for i in range(0, len(vnics), chunk)] or [[]]
+        reply: OkReply | None = None
+        for i, part in enumerate(parts):
+            reply = await self.send(
+                HvSync(sync_id=sync_id, last=i == len(parts) - 1, vnics=tuple(part),
+                       **self._envelope()), nve)
+            for vnic in part:
+                self.vnic_nves.setdefault(vnic.vnic, set()).add(nve)
+        assert reply is not None
+        return reply
+
+    def set_inventory(self, inventory: Inventory) -> None:
+        """Make the inventory the desired state (then ``sync`` each NVE)."""
+        for spec in inventory.vnics:
+            self.desired.arrive(spec.name, spec.port, tuple(
+                VnAddresses(vn=v.vn, entries=v.addresses) for v in spec.vns))
+            self.desired.set_state(spec.name, spec.state)
 
     async def apply_inventory(self, inventory: Inventory) -> None:
         """Bring the NVE to the inventory's state (idempotent, safe to repeat)."""

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from schemas.base import Strict
 from schemas.messages import AddressEntry, VnRef
-from schemas.types import HypervisorId, NveId, PortId, VnicName
+from schemas.types import Alias, HypervisorId, NveId, PortId, VnicName
 
 
 class VnicVn(Strict):
@@ -33,7 +33,9 @@ class VnicSpec(Strict):
 
 class Inventory(Strict):
     hypervisor: HypervisorId
-    nve: NveId
+    nve: NveId  # the default NVE
+    # RFC 8394: other NVEs for some VNs, by VN alias (e.g. {"red": "nve2"}).
+    routes: dict[Alias, NveId] = Field(default_factory=dict)
     vnics: tuple[VnicSpec, ...] = ()
 
 

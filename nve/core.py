@@ -41,7 +41,9 @@ from schemas.messages import (
     AddrObserved,
     AddrReplace,
     ConnectResult,
+    HvSync,
     HypervisorMessage,
+    SyncVnic,
     VnAddresses,
     VnConnect,
     VnDisconnect,
@@ -105,6 +107,7 @@ class Outcome:
     effects: tuple[Effect, ...]
     replayed: bool = False
     results: tuple[ConnectResult, ...] = ()
+    refused: tuple[tuple[str, str], ...] = ()  # hv_sync: (vnic, "code: reason")
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class NveCore:
         self.remote = RemoteTable(nve_id)
         self.events: dict[str, int] = {}  # lifecycle/glean counters
         self._seen: dict[str, OrderedDict[int, tuple[HypervisorMessage, Outcome]]] = {}
+        self._syncs: dict[str, tuple[int, set[str]]] = {}  # sender -> (sync id, vnics seen)
 
     # ------------------------------------------------------------------ entry
 
@@ -207,6 +211,8 @@ class NveCore:
             return self._prepare(msg, vns, now_ns)
         if isinstance(msg, VnicArrive):
             return self._arrive(msg, vns, now_ns)
+        if isinstance(msg, HvSync):
+            return self._sync(msg, vns, now_ns)
         raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unhandled kind {msg.kind}")
 
     def _count(self, event: str) -> None:
@@ -783,6 +789,90 @@ class NveCore:
 
     def _results(self, vnic: Vnic) -> tuple[ConnectResult, ...]:
         return tuple(self._connect_result(att) for att in vnic.vns.values())
+
+    # ------------------------------------------------ full-state resync [4]
+
+    def _sync(self, msg: HvSync, vns: Mapping[VnRef, VnRecord], now_ns: int) -> Outcome:
+        """Reconcile with the hypervisor's full state; only differences cause writes.
+
+        Each VNIC is reconciled on its own: one that cannot be applied (a
+        conflict) is reported in ``refused`` and left as it was, the rest go on.
+        """
+        sync_id, seen = self._syncs.get(msg.sender, (msg.sync_id, set()))
+        if sync_id != msg.sync_id:
+            seen = set()
+        effects: list[Effect] = []
+        refused: list[tuple[str, str]] = []
+        for spec in msg.vnics:
+            seen.add(spec.vnic)
+            try:
+                effects.extend(self._sync_vnic(msg.sender, spec, vns, msg.ts_ns, now_ns))
+            except ProtocolError as exc:
+                refused.append((spec.vnic, f"{exc.code}: {exc.reason}"))
+        if msg.last:
+            self._syncs.pop(msg.sender, None)
+            for vnic in list(self.vnics.values()):
+                if vnic.hypervisor == msg.sender and vnic.name not in seen and (
+                    vnic.state not in (VnicState.PREPARED, VnicState.DEPARTED)
+                ):  # a migrating VNIC is settled by its hold timer or the new NVE
+                    self._count("sync_removed")
+                    effects.extend(self._remove_vnic(vnic))
+        else:
+            self._syncs[msg.sender] = (msg.sync_id, seen)
+        self._count("syncs")
+        return Outcome(None, tuple(effects), refused=tuple(refused))
+
+    def _sync_vnic(
+        self,
+        sender: str,
+        spec: SyncVnic,
+        vns: Mapping[VnRef, VnRecord],
+        ts_ns: int,
+        now_ns: int,
+    ) -> list[Effect]:
+        wanted = self._resolved(spec.vns, vns)
+        vnic = self.vnics.get(spec.vnic)
+        if vnic is not None:
+            self._check_owner(vnic, sender)
+        probe = vnic or Vnic(spec.vnic, sender, spec.port, published=False)
+        for record, addrs in wanted:
+            att = probe.vns.get(record.name)
+            self._validate_entries(probe, record, addrs.entries,
+                                   set() if att is None else set(att.macs))
+        moving = vnic is not None and vnic.port != spec.port
+        new_vns = [r.name for r, _ in wanted if vnic is None or moving or r.name not in vnic.vns]
+        self._peek_tags(sender, spec.port, new_vns)
+        # -- validated: mutate from here on
+        effects: list[Effect] = []
+        if vnic is None:
+            vnic = Vnic(spec.vnic, sender, spec.port, published=False, since_ns=now_ns)
+            self.vnics[spec.vnic] = vnic
+            self._count("sync_added")
+        elif moving:
+            for vn in vnic.vns:
+                self._release_tag(vnic.hypervisor, vnic.port, vn, vnic.name)
+            vnic.port = spec.port
+            space = self._space(sender, spec.port)
+            for vn, att in vnic.vns.items():
+                att.tag = space.acquire(vn, vnic.name)
+        keep = {r.name for r, _ in wanted}
+        for vn in [vn for vn in vnic.vns if vn not in keep]:
+            effects.extend(self._detach(vnic, vn))
+        if vnic.name not in self.vnics:  # detaching emptied it: start again
+            self.vnics[vnic.name] = vnic
+        for record, addrs in wanted:
+            att = vnic.vns.get(record.name)
+            if att is None:
+                att = self._attach(vnic, record, addrs.allowed, effects)
+            effects.extend(self._replace_entries(vnic, att, addrs.entries, ts_ns))
+        if spec.state == "up" and not vnic.published:
+            effects.extend(self._publish(vnic, ts_ns))
+        elif spec.state == "down" and vnic.published:
+            effects.extend(self._unpublish(vnic))
+        vnic.state = VnicState.UP if spec.state == "up" else VnicState.DOWN
+        vnic.pending = None
+        vnic.hold_until_ns = 0
+        return effects
 
     # --------------------------------------------------- learned from the IMA
 

@@ -9,10 +9,14 @@ raises ``WatchCompacted`` and we list again and replace the VN's remote table
 from __future__ import annotations
 
 import logging
+import re
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from ima.keys import KeyLayout
@@ -24,9 +28,120 @@ _log = logging.getLogger(__name__)
 
 
 def decode_binding(kind: str, value: bytes) -> Binding:
-    if kind == "mac":
-        return MacBinding.model_validate_json(value)
-    return IpBinding.model_validate_json(value)
+    """A binding record from etcd, validated exactly as ``model_validate_json`` would.
+
+    Raises ``ValidationError`` for a bad record.  Records written by NVEs are already
+    canonical, so most take a fast path: parse with orjson, check every field against
+    its canonical form, then build the model without re-running the normalizers.  That
+    is several times cheaper than full validation (it runs for every watched event and
+    for every mapping of a cold sync) and much smaller in memory, because the repeated
+    strings (VN, VNIC, NVE, underlay) are interned and the models share one
+    ``fields_set``.  Anything the fast path does not recognise as canonical goes through
+    full validation, so what is accepted, and how it is normalized, does not change.
+    """
+    model: type[MacBinding] | type[IpBinding] = MacBinding if kind == "mac" else IpBinding
+    fast = _fast_decode(model, value)
+    if fast is not None:
+        return fast
+    return model.model_validate_json(value)
+
+
+# Canonical spellings, i.e. fixed points of the normalizers in schemas/types.py.
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_MAC_RE = re.compile(r"[0-9a-f][02468ace](?::[0-9a-f]{2}){5}")  # unicast, lower case
+_TOKEN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4_RE = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")  # a host address, no leading zeros
+_MAX_VNI = (1 << 24) - 1
+
+
+def _uuid(v: Any) -> Any:
+    return sys.intern(v) if type(v) is str and _UUID_RE.fullmatch(v) else _NO
+
+
+def _mac(v: Any) -> Any:
+    ok = type(v) is str and _MAC_RE.fullmatch(v) and v != "00:00:00:00:00:00"
+    return v if ok else _NO
+
+
+def _token(v: Any) -> Any:
+    return sys.intern(v) if type(v) is str and _TOKEN_RE.fullmatch(v) else _NO
+
+
+def _ipv4(v: Any) -> Any:
+    return v if type(v) is str and _IPV4_RE.fullmatch(v) else _NO
+
+
+def _underlay(v: Any) -> Any:
+    return sys.intern(v) if type(v) is str and _IPV4_RE.fullmatch(v) else _NO
+
+
+def _nonneg(v: Any) -> Any:
+    return v if type(v) is int and v >= 0 else _NO
+
+
+def _vni(v: Any) -> Any:
+    return v if type(v) is int and 1 <= v <= _MAX_VNI else _NO
+
+
+def _version(v: Any) -> Any:
+    return v if type(v) is int and v == 1 else _NO
+
+
+def _moves(v: Any) -> Any:
+    ok = type(v) is list and len(v) <= 16 and all(type(x) is int for x in v)
+    return tuple(v) if ok else _NO
+
+
+_NO: Any = object()
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "v": _version, "vn": _uuid, "vnic": _uuid, "vni": _vni, "mac": _mac, "ip": _ipv4,
+    "nve": _token, "underlay": _underlay, "ts_ns": _nonneg, "mobility_seq": _nonneg,
+    "moves_ns": _moves,
+}
+
+
+class _Shape:
+    """What the fast path needs to know about one record model."""
+
+    def __init__(self, model: type[MacBinding] | type[IpBinding]) -> None:
+        fields = model.model_fields
+        #: Only if every field has a canonical-form check (a new field disables it).
+        self.enabled = set(fields) <= set(_CHECKS)
+        self.known = frozenset(fields)
+        self.required = frozenset(n for n, f in fields.items() if f.is_required())
+        # The models are frozen, so instances may share one fields_set per key set.
+        self.fields_sets: dict[frozenset[str], set[str]] = {}
+
+
+_SHAPES = {MacBinding: _Shape(MacBinding), IpBinding: _Shape(IpBinding)}
+
+
+def _fast_decode(
+    model: type[MacBinding] | type[IpBinding], value: bytes
+) -> MacBinding | IpBinding | None:
+    shape = _SHAPES[model]
+    if not shape.enabled:
+        return None
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict:
+        return None
+    keys = obj.keys()
+    if not (shape.required <= keys <= shape.known):
+        return None
+    for name, raw in obj.items():
+        checked = _CHECKS[name](raw)
+        if checked is _NO:
+            return None
+        obj[name] = checked
+    names = frozenset(keys)
+    fields_set = shape.fields_sets.get(names)
+    if fields_set is None:
+        fields_set = shape.fields_sets.setdefault(names, set(names))
+    return model.model_construct(fields_set, **obj)
 
 
 class VnFollower:
@@ -50,10 +165,14 @@ class VnFollower:
         self._on_change = on_change
         self._on_foreign = on_foreign
 
-    async def run(self) -> None:
+    async def run(self, resume_from: int = 0) -> None:
+        """Follow the VN; ``resume_from`` (a warm restart) skips the first listing."""
         prefix = self._layout.map_prefix(self.vn)
         while self._remote.serves(self.vn):
-            revision = await self._relist(prefix)
+            if resume_from:
+                revision, resume_from = resume_from - 1, 0
+            else:
+                revision = await self._relist(prefix)
             try:
                 async with self._store.watch_prefix(prefix, revision + 1) as watch:
                     async for events in watch:

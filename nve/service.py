@@ -32,7 +32,14 @@ from nve.remote import Binding
 from nve.resolver import VnResolver
 from nve.writer import ImaWriter, WriteClaim, WriteDelete, WriteOp, WritePut, WriteReport
 from schemas.errors import ErrorCode, ProtocolError
-from schemas.messages import AddrObserved, ErrorReply, HypervisorMessage, OkReply, VnRef
+from schemas.messages import (
+    AddrObserved,
+    EpochAnnounce,
+    ErrorReply,
+    HypervisorMessage,
+    OkReply,
+    VnRef,
+)
 from schemas.profile import VnProfile
 from schemas.records import NveRecord, VnRecord
 from schemas.subjects import Subjects
@@ -51,6 +58,7 @@ class NveConfig:
     prepare_s: float = 120.0  # a pre-arrival that never arrives is dropped after this
     glean_s: float = 300.0  # gleaned addresses age out after this
     tick_s: float = 0.25  # timer resolution
+    announce_s: float = 2.0  # epoch announcement period (agents resync on a new epoch)
     port_scopes: tuple[tuple[str, str], ...] = ()  # ("hv/port", scope): shared tag spaces
     mobility: MobilityPolicy = field(default_factory=MobilityPolicy)
 
@@ -122,6 +130,7 @@ class NveService:
                 tg.create_task(self._serve_observed(observed), name=f"{cfg.nve_id}-glean")
                 tg.create_task(self._timers(), name=f"{cfg.nve_id}-timers")
                 tg.create_task(self._follow_profiles(profile_rev), name=f"{cfg.nve_id}-profiles")
+                tg.create_task(self._announce(), name=f"{cfg.nve_id}-epoch")
                 self.ready.set()
         finally:
             self._tg = None
@@ -175,7 +184,7 @@ class NveService:
         self.counters[f"ima_ops.{kind}"] += len(ops)
         done = await self.writer.submit(ops)
         reply = OkReply(seq=seq, op=kind, result=outcome.result, results=outcome.results,
-                        ima_ops=len(ops))
+                        ima_ops=len(ops), refused=dict(outcome.refused), epoch=self.epoch)
         self._changed.set()
         task = asyncio.create_task(self._reply_when(done, msg, reply))
         self._replies.add(task)
@@ -186,8 +195,14 @@ class NveService:
         return None if ref is None else await self._resolve_ref(ref)
 
     async def _resolve_many(self, request: HypervisorMessage) -> dict[VnRef, VnRecord]:
-        specs = getattr(request, "vns", ())
-        return {spec.vn: await self._resolve_ref(spec.vn) for spec in specs}
+        specs = list(getattr(request, "vns", ()))
+        for vnic in getattr(request, "vnics", ()):
+            specs.extend(vnic.vns)
+        out: dict[VnRef, VnRecord] = {}
+        for spec in specs:
+            if spec.vn not in out:
+                out[spec.vn] = await self._resolve_ref(spec.vn)
+        return out
 
     async def _resolve_ref(self, ref: VnRef) -> VnRecord:
         try:
@@ -289,6 +304,19 @@ class NveService:
         task = self._followers.pop(vn, None)
         if task is not None:
             task.cancel()
+
+    async def _announce(self) -> None:
+        """Tell agents our epoch; a new one makes them send their full state.
+
+        Repeated, because core NATS may drop a message: an agent that missed
+        the first announcement catches the next one.
+        """
+        payload = dumps(EpochAnnounce(nve=self.config.nve_id, epoch=self.epoch))
+        subject = self.subjects.nve_epoch(self.config.nve_id)
+        while True:
+            await self.nc.publish(subject, payload)
+            self.counters["epoch_announcements"] += 1
+            await asyncio.sleep(self.config.announce_s)
 
     # ------------------------------------------------------ timers, gleaning
 

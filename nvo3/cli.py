@@ -79,9 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("ref")
     show.add_argument("--json", action="store_true")
 
+    chk = sub.add_parser("check", help="compare agents' intent with NVE tables and the IMA")
+    _endpoint_args(chk)
+    chk.add_argument("--agents", help="hypervisor ids to ask besides those the NVEs know")
+    chk.add_argument("--json", action="store_true")
+
     schema = sub.add_parser("schema", help="JSON Schema of every message and record")
     schema.add_argument("action", choices=("export",))
     schema.add_argument("directory", type=Path)
+
+    from nvo3.up import add_subcommands  # deployment and contracts: `nvo3 up`, `nvo3 asyncapi`
+
+    add_subcommands(sub)
     return parser
 
 
@@ -147,6 +156,33 @@ async def _tables_command(args: argparse.Namespace) -> int:
         await nc.close()
 
 
+async def _check_command(args: argparse.Namespace) -> int:
+    from nvo3.check import gather_and_check
+    from nvo3.connect import connect_nats, open_store
+
+    ep = _endpoints(args)
+    nc = await connect_nats(ep.nats, "nvo3-check", persistent=False)
+    store = await open_store(ep.etcd)
+    try:
+        agents = [a for a in (args.agents or "").split(",") if a]
+        report = await gather_and_check(nc, store, ep, agents)
+    finally:
+        await nc.close()
+        await store.close()
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(f"lost={len(report.lost)} stale={len(report.stale)} "
+              f"wrong_vni={len(report.wrong_vni)}")
+        for line in report.lost:
+            print("  lost  " + line)
+        for line in report.stale:
+            print("  stale " + line)
+        for line in report.wrong_vni:
+            print("  vni   " + line)
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
 async def _run_ima(args: argparse.Namespace) -> int:
     from ima.service import ImaService
     from nvo3.connect import connect_nats, open_store
@@ -181,18 +217,27 @@ async def _run_nve(args: argparse.Namespace) -> int:
 async def _run_agent(args: argparse.Namespace) -> int:
     from agents.agent import HypervisorAgent
     from agents.inventory import load_inventory
+    from agents.service import AgentService
     from nvo3.connect import connect_nats
 
     ep = _endpoints(args)
     inventory = load_inventory(args.inventory)
     nc = await connect_nats(ep.nats, inventory.hypervisor)
     try:
-        agent = HypervisorAgent(inventory.hypervisor, inventory.nve, nc, subjects=ep.subjects)
-        await agent.apply_inventory(inventory)
-        print(f"agent {inventory.hypervisor}: inventory applied "
-              f"({len(inventory.vnics)} VNICs) on NVE {inventory.nve}", flush=True)
-        if not args.once:
-            await asyncio.Event().wait()
+        routes = {f"alias={alias}": nve for alias, nve in inventory.routes.items()}
+        agent = HypervisorAgent(inventory.hypervisor, inventory.nve, nc, subjects=ep.subjects,
+                                routes=routes)
+        if args.once:
+            await agent.apply_inventory(inventory)
+            print(f"agent {inventory.hypervisor}: inventory applied "
+                  f"({len(inventory.vnics)} VNICs) on NVE {inventory.nve}", flush=True)
+            return EXIT_OK
+        # As a sidecar: the inventory is the desired state; every NVE gets it as one
+        # hv_sync now and again whenever it announces a new epoch (restart).
+        agent.set_inventory(inventory)
+        print(f"agent {inventory.hypervisor}: serving {len(inventory.vnics)} VNICs "
+              f"for NVE(s) {', '.join(sorted(agent.nves()))}", flush=True)
+        await AgentService(agent).run()
     finally:
         await nc.close()
     return EXIT_OK
@@ -240,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
             for path in export_schemas(args.directory):
                 print(path)
             return EXIT_OK
+        if args.command in ("up", "asyncapi"):
+            from nvo3.up import run_subcommand
+
+            return run_subcommand(args)
+        if args.command == "check":
+            return _run_async(lambda: _check_command(args))
         if args.command == "vn":
             return _run_async(lambda: _vn_command(args))
         if args.command == "nve":

@@ -20,6 +20,7 @@ from schemas.types import (
     HypervisorId,
     IpEntry,
     Mac,
+    NveId,
     PortId,
     Seq,
     Tag,
@@ -207,6 +208,29 @@ class AddrReplace(Envelope):
         return self
 
 
+class SyncVnic(Strict):
+    """One VNIC as the hypervisor has it now (for ``hv_sync``)."""
+
+    vnic: VnicName
+    port: PortId
+    state: Literal["up", "down"] = "up"
+    vns: tuple[VnAddresses, ...] = Field(min_length=1, max_length=64)
+
+
+class HvSync(Envelope):
+    """The hypervisor's full state for this NVE, in parts (after an NVE restart).
+
+    The NVE reconciles: adds what is missing, removes what the hypervisor no
+    longer has (once the ``last`` part of ``sync_id`` arrives), and writes to
+    the IMA only what differs.
+    """
+
+    kind: Literal["hv_sync"] = "hv_sync"
+    sync_id: int = Field(ge=0)
+    last: bool = True
+    vnics: tuple[SyncVnic, ...] = Field(default=(), max_length=2000)
+
+
 HypervisorMessage = Annotated[
     VnConnect
     | VnDisconnect
@@ -218,7 +242,8 @@ HypervisorMessage = Annotated[
     | VnicPrepare
     | VnicArrive
     | VnicDepart
-    | AddrReplace,
+    | AddrReplace
+    | HvSync,
     Field(discriminator="kind"),
 ]
 
@@ -234,6 +259,7 @@ HYPERVISOR_KINDS: tuple[str, ...] = (
     "vnic_arrive",
     "vnic_depart",
     "addr_replace",
+    "hv_sync",
 )
 
 
@@ -273,6 +299,17 @@ class OkReply(Strict):
     result: ConnectResult | None = None
     results: tuple[ConnectResult, ...] = ()  # one per VN (vnic_prepare, vnic_arrive)
     ima_ops: int = 0  # IMA writes this request caused (signalling, counted)
+    refused: dict[str, str] = Field(default_factory=dict)  # hv_sync: vnic -> "code: reason"
+    epoch: int = 0  # the answering NVE's epoch: a change means it restarted
+
+
+class EpochAnnounce(Strict):
+    """An NVE (re)started: agents answer a new epoch with ``hv_sync``."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["epoch"] = "epoch"
+    nve: NveId
+    epoch: int
 
 
 class ErrorReply(Strict):

@@ -51,6 +51,13 @@ class Subjects:
         """The NVE's own data path reports source addresses it saw (gleaning)."""
         return f"{self.base}.nve.{nve}.dp.observed"
 
+    def nve_epoch(self, nve: str) -> str:
+        return f"{self.base}.nve.{nve}.epoch"
+
+    def agent_state(self, hv: str) -> str:
+        """An agent answers with the full state it wants (checker, operators)."""
+        return f"{self.base}.agent.{hv}.state"
+
     def ima(self, op: str) -> str:
         return f"{self.base}.ima.vn.{op}"
 

@@ -1,0 +1,95 @@
+"""The agent as a long-running sidecar: resync on NVE restarts, answer state queries.
+
+It listens to the epoch announcements of its NVEs; a new epoch (an NVE
+restarted and lost its tables) triggers one ``hv_sync`` with this
+hypervisor's full state.  It also answers ``<root>.v1.agent.<hv>.state`` with
+that state, which is what the consistency checker compares the NVEs against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from typing import Any
+
+import orjson
+
+from agents.agent import AgentError, HypervisorAgent, NveUnreachable
+from schemas.messages import EpochAnnounce, VnRef
+from schemas.wire import decode_model
+
+_log = logging.getLogger(__name__)
+
+
+class AgentService:
+    def __init__(self, agent: HypervisorAgent) -> None:
+        self.agent = agent
+        self.synced: dict[str, int] = {}  # NVE -> the epoch our last full sync reached
+        self.counters: Counter[str] = Counter()
+        self.ready = asyncio.Event()
+        self._wanted: asyncio.Queue[str] = asyncio.Queue()
+
+    async def run(self) -> None:
+        agent = self.agent
+        subs = [await agent.nc.subscribe(agent.subjects.nve_epoch(nve)) for nve in agent.nves()]
+        state = await agent.nc.subscribe(agent.subjects.agent_state(agent.hypervisor))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for sub in subs:
+                    tg.create_task(self._epochs(sub))
+                tg.create_task(self._answer_state(state))
+                tg.create_task(self._syncer())
+                for nve in sorted(agent.nves()):
+                    self._wanted.put_nowait(nve)  # agent (re)start: send our full state
+                self.ready.set()
+        finally:
+            for sub in [*subs, state]:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _epochs(self, sub: Any) -> None:
+        async for msg in sub.messages:
+            try:
+                announce = decode_model(msg.data, EpochAnnounce)
+            except Exception:
+                self.counters["bad_announcements"] += 1
+                continue
+            synced = self.synced.get(announce.nve)
+            if synced is not None and synced != announce.epoch:
+                self.counters["nve_restarts_seen"] += 1
+                self.synced[announce.nve] = announce.epoch  # one sync per new epoch
+                self._wanted.put_nowait(announce.nve)
+
+    async def _syncer(self) -> None:
+        while True:
+            nve = await self._wanted.get()
+            try:
+                reply = await self.agent.sync(nve)
+            except (NveUnreachable, AgentError) as exc:
+                self.counters["sync_failures"] += 1
+                self.synced[nve] = -1  # the next announcement triggers another try
+                _log.warning("%s: sync with %s failed (%s); waiting for its next epoch",
+                             self.agent.hypervisor, nve, exc)
+                continue
+            self.counters["syncs"] += 1
+            self.synced[nve] = reply.epoch
+            if reply.refused:
+                _log.warning("%s: %s refused %s", self.agent.hypervisor, nve, reply.refused)
+
+    async def _answer_state(self, sub: Any) -> None:
+        async for msg in sub.messages:
+            if msg.reply:
+                await self.agent.nc.publish(msg.reply, orjson.dumps(self.state()))
+
+    def state(self) -> dict[str, Any]:
+        agent = self.agent
+        by_nve: dict[str, list[Any]] = {}
+        for nve in sorted(agent.nves()):
+
+            def owns(vn: VnRef, nve: str = nve) -> bool:
+                return agent.nve_for(vn) == nve
+
+            by_nve[nve] = [v.model_dump(mode="json") for v in agent.desired.for_nve(owns)]
+        return {"hypervisor": agent.hypervisor, "nves": by_nve}

@@ -1,0 +1,232 @@
+"""``nvo3 up``: a topology file, the compose cluster it mirrors, and the running command."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from agents.inventory import load_inventory
+from nvo3 import topology
+from nvo3.topology import Plan, TopologySource, compose_plan, topology_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPOLOGY = ROOT / "deploy" / "topology.yaml"
+COMPOSE = ROOT / "compose.yaml"
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+
+
+def _commands(plan: Plan) -> Counter[str]:
+    """The nvo3 commands of a plan, with each inventory path replaced by its content."""
+    out: Counter[str] = Counter()
+    for proc in plan.procs:
+        if proc.argv[1:3] != ["-m", "nvo3.cli"]:
+            continue
+        args = proc.argv[3:]
+        if "--inventory" in args:
+            i = args.index("--inventory") + 1
+            args[i] = load_inventory(Path(args[i])).model_dump_json()
+        out[" ".join(args)] += 1
+    return out
+
+
+def test_topology_describes_the_compose_cluster(tmp_path: Path) -> None:
+    source = topology.load(TOPOLOGY)
+    assert isinstance(source, TopologySource)
+    mirrored = topology_plan(source, tmp_path / "up", ["nats://127.0.0.1:1"], ["127.0.0.1:2"])
+    composed = compose_plan(COMPOSE, tmp_path / "compose")
+    assert _commands(mirrored) == _commands(composed)
+    roles = Counter(p.role for p in composed.procs)
+    assert (source.topology.nats, source.topology.etcd) == (roles["nats"], roles["etcd"])
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("nves: [{id: nve1, underlay: 192.0.2.1}]\n"
+     "agents: [{hypervisor: hv1, nve: nve2}]\n", "NVE 'nve2' is not in nves"),
+    ("nves: [{id: nve1, underlay: 192.0.2.1}]\n"
+     "agents: [{hypervisor: hv1, nve: nve1, vnics: [{name: 6f1c1c2e-0b7a-4d38-9a52-3f0c6c1f0a01,"
+     " port: eth0, vns: [{vn: {alias: blue}}]}]}]\n", "VN 'blue' is not in vns"),
+    ("nves: [{id: nve1, underlay: 192.0.2.1}, {id: nve1, underlay: 192.0.2.2}]\n",
+     "duplicate NVE id"),
+    ("nves: [{id: nve1, underlay: 10.0.0.0/8}]\n", "underlay"),
+    ("ima: 0\nvns: [{alias: blue}]\n", "needs at least one IMA"),
+    ("nats: 1\netcd: 1\nmystery: 1\n", "mystery"),
+])
+def test_bad_topologies_are_refused(tmp_path: Path, text: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        topology.load(_write(tmp_path / "t.yaml", text))
+
+
+def test_bad_topology_is_a_usage_error(tmp_path: Path) -> None:
+    bad = _write(tmp_path / "t.yaml", "nves: [{id: 'not a token', underlay: 192.0.2.1}]\n")
+    done = subprocess.run([sys.executable, "-m", "nvo3.cli", "up", str(bad)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2
+    assert "nves" in done.stderr
+
+
+# ---------------------------------------------------------------------- running it
+class Up:
+    """``nvo3 up FILE`` as a child process, its output read line by line."""
+
+    def __init__(self, path: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nvo3.cli", "up", str(path)], cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("NVO3_")},
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def until(self, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {prefix!r} within {timeout}s:\n" +
+                                     "\n".join(self.output)) from None
+            if line is None:
+                raise AssertionError(f"nvo3 up exited ({self.proc.wait()}) before {prefix!r}:\n"
+                                     + "\n".join(self.output))
+            self.output.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def rest(self) -> list[str]:
+        self._reader.join(timeout=STOP_TIMEOUT)
+        while True:
+            line = self.lines.get_nowait() if not self.lines.empty() else None
+            if line is None:
+                return self.output
+            self.output.append(line)
+
+    def pids(self) -> dict[str, int]:
+        out = {}
+        for line in self.output:
+            m = re.match(r"\s+(\S+)\s+pid (\d+)\s", line)
+            if m:
+                out[m.group(1)] = int(m.group(2))
+        return out
+
+    def env(self) -> dict[str, str]:
+        line = self.until("NVO3_NATS=", 5)
+        return dict(part.split("=", 1) for part in line.split())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def nvo3(env: dict[str, str], *args: str) -> Any:
+    done = subprocess.run([sys.executable, "-m", "nvo3.cli", *args, "--json"],
+                          env={**os.environ, **env}, capture_output=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    return orjson.loads(done.stdout)
+
+
+@pytest.mark.integration
+def test_up_runs_the_topology_until_sigterm() -> None:
+    up = Up(TOPOLOGY)
+    try:
+        up.until("ready:", READY_TIMEOUT)
+        env = up.env()
+        pids = up.pids()
+        expected = {"nats1", "nats2", "nats3", "etcd1", "etcd2", "etcd3", "ima1", "ima2",
+                    "vn-blue", "vn-red", "nve1", "nve2",
+                    "agent-hv1", "agent-hv2", "agent-hv3", "agent-hv4"}
+        assert set(pids) == expected
+        assert env["NVO3_NATS"].count("nats://") == 3
+        assert env["NVO3_ETCD"].count(",") == 2
+        assert {v["alias"] for v in nvo3(env, "vn", "list")} == {"blue", "red"}
+        tables = nvo3(env, "nve", "tables", "nve2")
+        assert {v["hypervisor"] for v in tables["vnics"].values()} == {"hv3", "hv4"}
+        deadline = time.monotonic() + 10
+        while not tables["remote"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            tables = nvo3(env, "nve", "tables", "nve2")
+        assert tables["remote"], "nve2 learns nve1's bindings through etcd"
+        alive = {name for name, pid in pids.items() if not _gone(pid)}
+        assert alive == expected - {"vn-blue", "vn-red"}
+        up.proc.send_signal(signal.SIGTERM)
+        assert up.proc.wait(STOP_TIMEOUT) == 130
+        output = up.rest()
+        assert output[-1] == "stopped"
+        stopped = {m.group(1) for line in output
+                   if (m := re.match(r"\s+(\S+)\s+pid \d+\s+stopped", line))}
+        assert stopped == alive
+        assert [name for name, pid in pids.items() if not _gone(pid)] == []
+    finally:
+        up.close()
+
+
+@pytest.mark.integration
+def test_up_with_an_inline_inventory_stops_on_ctrl_c(tmp_path: Path) -> None:
+    path = _write(tmp_path / "small.yaml", """
+nats: 1
+etcd: 1
+ima: 1
+vns: [{alias: blue}]
+nves: [{id: edge, underlay: 192.0.2.9, lease_ttl: 3}]
+agents:
+  - hypervisor: hv9
+    nve: edge
+    vnics:
+      - name: 6f1c1c2e-0b7a-4d38-9a52-3f0c6c1f0a09
+        port: eth0
+        vns: [{vn: {alias: blue}, addresses: [{mac: "02:00:00:00:09:09", ips: [10.9.0.9]}]}]
+""")
+    up = Up(path)
+    try:
+        up.until("ready:", READY_TIMEOUT)
+        env = up.env()
+        pids = up.pids()
+        assert set(pids) == {"nats1", "etcd1", "ima1", "vn-blue", "edge", "agent-hv9"}
+        tables = nvo3(env, "nve", "tables", "edge")
+        assert [v["hypervisor"] for v in tables["vnics"].values()] == ["hv9"]
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(STOP_TIMEOUT) == 130
+        assert up.rest()[-1] == "stopped"
+        assert [name for name, pid in pids.items() if not _gone(pid)] == []
+    finally:
+        up.close()
