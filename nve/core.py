@@ -579,6 +579,14 @@ class NveCore:
         vnic.published = True
         return effects
 
+    def republish(self) -> tuple[Effect, ...]:
+        """Every published binding again (the IMA lost them with our lease)."""
+        effects: list[Effect] = []
+        for vnic in self.vnics.values():
+            if vnic.published:
+                effects.extend(self._publish(vnic, 0))
+        return tuple(effects)
+
     def _startup(self, msg: VnicStartup, now_ns: int) -> Outcome:
         vnic = self._owned_vnic(msg.vnic, msg.sender)
         target = self._transition(vnic, "vnic_startup", now_ns)

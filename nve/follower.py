@@ -8,6 +8,8 @@ raises ``WatchCompacted`` and we list again and replace the VN's remote table
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import sys
@@ -20,11 +22,17 @@ import orjson
 from pydantic import ValidationError
 
 from ima.keys import KeyLayout
-from ima.store import EtcdStore, WatchCompacted, WatchEvent
+from ima.store import EtcdStore, KeyValue, Page, RevisionCompacted, WatchCompacted, WatchEvent
 from nve.remote import Binding, RemoteTable
 from schemas.records import IpBinding, MacBinding
 
 _log = logging.getLogger(__name__)
+
+#: Keys per listing page: ~1.5 MB of bindings, well under gRPC's 4 MiB message limit
+#: (``iter_prefix`` halves it if a page is refused); fewer, larger pages cut the
+#: per-page round trips that dominate a cold sync.
+RELIST_PAGE = 4096
+RELIST_ATTEMPTS = 3
 
 
 def decode_binding(kind: str, value: bytes) -> Binding:
@@ -183,9 +191,57 @@ class VnFollower:
                              self.vn, exc.compact_revision)
 
     async def _relist(self, prefix: str) -> int:
-        items, revision = await self._store.get_prefix(prefix)
+        """List the VN at one revision and replace what the remote table holds of it.
+
+        A compaction racing with the paging restarts the listing at a fresh revision
+        (a few times at most), as ``EtcdStore.get_prefix`` does.
+        """
+        for attempt in range(1, RELIST_ATTEMPTS + 1):
+            try:
+                snapshot, revision = await self._list(prefix)
+                break
+            except RevisionCompacted:
+                if attempt == RELIST_ATTEMPTS:
+                    raise
+        self._remote.load_snapshot(self.vn, snapshot, revision)
+        self._counters["relists"] += 1
+        self._on_change()
+        return revision
+
+    async def _list(self, prefix: str) -> tuple[list[tuple[str, Binding]], int]:
+        """Decode each page while the next one is being fetched.
+
+        The etcd round trips overlap the decoding, and the event loop gets a turn
+        between pages, so a large cold sync does not stall the NVE's requests.
+        """
+        pages: asyncio.Queue[Page | BaseException | None] = asyncio.Queue(maxsize=2)
+
+        async def fetch() -> None:
+            try:
+                async for page in self._store.iter_prefix(prefix, page_size=RELIST_PAGE):
+                    await pages.put(page)
+            except Exception as exc:  # handed to the consumer, which raises it
+                await pages.put(exc)
+                return
+            await pages.put(None)
+
+        producer = asyncio.create_task(fetch(), name=f"list-{self.vn}")
         snapshot: list[tuple[str, Binding]] = []
-        for kv in items:
+        revision = 0
+        try:
+            while (page := await pages.get()) is not None:
+                if isinstance(page, BaseException):
+                    raise page
+                revision = page.revision
+                self._decode_page(page.kvs, snapshot)
+        finally:
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+        return snapshot, revision
+
+    def _decode_page(self, kvs: list[KeyValue], snapshot: list[tuple[str, Binding]]) -> None:
+        for kv in kvs:
             parsed = self._layout.parse_map_key(kv.key)
             if parsed is None:
                 continue
@@ -198,10 +254,6 @@ class VnFollower:
             snapshot.append((f"{kind}/{addr}", binding))
             if self._on_foreign is not None and binding.nve != self._remote.nve_id:
                 self._on_foreign(self.vn, f"{kind}/{addr}", kv.key, binding)
-        self._remote.load_snapshot(self.vn, snapshot, revision)
-        self._counters["relists"] += 1
-        self._on_change()
-        return revision
 
     def _apply(self, events: list[WatchEvent]) -> None:
         now = time.time_ns()

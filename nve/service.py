@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from ima.keys import KeyLayout
 from ima.mobility import MobilityPolicy
 from ima.registry import VnRegistry
-from ima.store import EtcdStore, WatchCompacted
+from ima.store import EtcdStore, LeaseLost, WatchCompacted
 from nve.core import NveCore, Timers
 from nve.effects import BindIp, BindMac, Effect, StartWatch, StopWatch, UnbindIp, UnbindMac
 from nve.follower import VnFollower
@@ -106,11 +106,7 @@ class NveService:
 
     async def run(self) -> None:
         cfg = self.config
-        self.lease_id = await self.store.grant_lease(cfg.lease_ttl)
-        record = NveRecord(
-            nve=cfg.nve_id, underlay=cfg.underlay, epoch=self.epoch, started_ns=self.epoch
-        )
-        await self.store.put(self.layout.nve(cfg.nve_id), _json(record), lease=self.lease_id)
+        await self._take_lease()
         requests = await self.nc.subscribe(
             self.subjects.nve_requests(cfg.nve_id), pending_msgs_limit=cfg.pending_limit
         )
@@ -121,10 +117,7 @@ class NveService:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tg.create_task(self.writer.run(), name=f"{cfg.nve_id}-writer")
-                tg.create_task(
-                    self.store.run_keepalive(self.lease_id, cfg.lease_ttl, self._lease_lost),
-                    name=f"{cfg.nve_id}-lease",
-                )
+                tg.create_task(self._hold_lease(), name=f"{cfg.nve_id}-lease")
                 tg.create_task(self._serve_requests(requests), name=f"{cfg.nve_id}-requests")
                 tg.create_task(self._serve_tables(tables), name=f"{cfg.nve_id}-tables")
                 tg.create_task(self._serve_observed(observed), name=f"{cfg.nve_id}-glean")
@@ -142,9 +135,35 @@ class NveService:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.store.revoke_lease(self.lease_id))
 
-    def _lease_lost(self) -> None:
-        self.counters["lease_lost"] += 1
-        _log.error("NVE %s: etcd lease lost; bindings are gone from the IMA", self.config.nve_id)
+    async def _take_lease(self) -> None:
+        cfg = self.config
+        self.lease_id = await self.store.grant_lease(cfg.lease_ttl)
+        record = NveRecord(
+            nve=cfg.nve_id, underlay=cfg.underlay, epoch=self.epoch, started_ns=time.time_ns()
+        )
+        await self.store.put(self.layout.nve(cfg.nve_id), _json(record), lease=self.lease_id)
+        self.writer.new_lease(self.lease_id)
+
+    async def _hold_lease(self) -> None:
+        """Keep the lease; if it was lost (a pause longer than its TTL), come back.
+
+        etcd deleted our bindings with the lease.  We take a new lease and
+        publish every binding we still hold locally; an address another NVE
+        claimed in the meantime is lost to it (compare-and-swap) and dropped.
+        """
+        while True:
+            try:
+                await self.store.run_keepalive(self.lease_id, self.config.lease_ttl,
+                                               self.writer.lease_lost)
+            except LeaseLost:
+                self.counters["lease_lost"] += 1
+                _log.error("NVE %s: etcd lease lost; re-registering and republishing",
+                           self.config.nve_id)
+                await self._take_lease()
+                ops = self._execute(self.core.republish())
+                self.counters["ima_ops.republish"] += len(ops)
+                await self.writer.submit(ops)
+                self._changed.set()
 
     # ------------------------------------------------------------- requests
 
@@ -215,18 +234,15 @@ class NveService:
     def _execute(self, effects: tuple[Effect, ...]) -> list[WriteOp]:
         ops: list[WriteOp] = []
         keys = self.layout
-        lease = self.lease_id
         for eff in effects:
             if isinstance(eff, BindMac):
                 b = eff.binding
                 key = keys.mac(b.vn, b.mac)
-                ops.append(WriteClaim(key, "mac", b, lease) if eff.claim
-                           else WritePut(key, _json(b), lease))
+                ops.append(WriteClaim(key, "mac", b) if eff.claim else WritePut(key, _json(b)))
             elif isinstance(eff, BindIp):
                 ib = eff.binding
                 key = keys.ip(ib.vn, ib.ip)
-                ops.append(WriteClaim(key, "ip", ib, lease) if eff.claim
-                           else WritePut(key, _json(ib), lease))
+                ops.append(WriteClaim(key, "ip", ib) if eff.claim else WritePut(key, _json(ib)))
             elif isinstance(eff, UnbindMac):
                 ops.append(WriteDelete(keys.mac(eff.vn, eff.mac)))
             elif isinstance(eff, UnbindIp):

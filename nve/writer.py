@@ -41,6 +41,7 @@ from ima.store import (
     Get,
     KeyMissing,
     KeyValue,
+    LeaseLost,
     ModRevisionEquals,
     Put,
     StoreUnavailable,
@@ -58,7 +59,6 @@ MAX_TXN_OPS = 128
 class WritePut:
     key: str
     value: bytes
-    lease: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,6 @@ class WriteClaim:
     key: str
     kind: str  # "mac" | "ip"
     binding: Binding
-    lease: int = 0
 
 
 WriteOp = WritePut | WriteDelete | WriteClaim
@@ -108,10 +107,24 @@ class ImaWriter:
     max_batch_ops: int = 4096
     queue_size: int = 10_000
     owned: dict[str, int] = field(default_factory=dict)  # key -> mod revision we wrote
+    lease_id: int = 0  # every binding carries the NVE's lease: it dies with the NVE
     _queue: asyncio.Queue[_Pending] = field(init=False)
+    _lease_ok: asyncio.Event = field(init=False)
 
     def __post_init__(self) -> None:
         self._queue = asyncio.Queue(self.queue_size)
+        self._lease_ok = asyncio.Event()
+        self._lease_ok.set()
+
+    def lease_lost(self) -> None:
+        """Hold writes until ``new_lease``: puts with a dead lease would fail."""
+        self._lease_ok.clear()
+
+    def new_lease(self, lease_id: int) -> None:
+        """The old lease expired and took our keys with it: nothing is ours any more."""
+        self.lease_id = lease_id
+        self.owned.clear()
+        self._lease_ok.set()
 
     @property
     def depth(self) -> int:
@@ -167,8 +180,13 @@ class ImaWriter:
     async def _retrying(self, ops: list[WriteOp]) -> WriteReport:
         backoff = 0.05
         while True:
+            await self._lease_ok.wait()
             try:
                 return await self._commit(ops)
+            except LeaseLost:
+                self.counters["ima_lease_waits"] += 1
+                self.lease_lost()
+                continue
             except StoreUnavailable as exc:
                 self.counters["ima_retries"] += 1
                 _log.warning("IMA commit of %d ops failed (%s); retrying", len(ops), exc)
@@ -202,7 +220,7 @@ class ImaWriter:
         if isinstance(op, WritePut):
             rev = self.owned.get(op.key)
             cmp: Compare = KeyMissing(op.key) if rev is None else ModRevisionEquals(op.key, rev)
-            return _Planned(op, cmp, Put(op.key, op.value, lease=op.lease))
+            return _Planned(op, cmp, Put(op.key, op.value, lease=self.lease_id))
         held = current.get(op.key)
         holder: Binding | None = None
         if held is not None:
@@ -220,7 +238,7 @@ class ImaWriter:
             self.counters["ima_claims"] += 1
         value = orjson.dumps(new.model_dump(mode="json"))
         cmp = KeyMissing(op.key) if held is None else ModRevisionEquals(op.key, held.mod_revision)
-        return _Planned(op, cmp, Put(op.key, value, lease=op.lease))
+        return _Planned(op, cmp, Put(op.key, value, lease=self.lease_id))
 
     async def _read(self, keys: list[str]) -> dict[str, KeyValue]:
         out: dict[str, KeyValue] = {}

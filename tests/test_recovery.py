@@ -238,3 +238,19 @@ async def test_checker_finds_lost_and_stale(cp: Slice) -> None:
     rc, out, _ = await nvo3(cp, "check")
     assert rc == 1
     assert b"lost=1 stale=2 wrong_vni=2" in out
+
+
+async def test_lost_lease_is_retaken_and_bindings_republished(cp: Slice) -> None:
+    hv1 = await agent_service(cp, "hv1", "nve1")
+    await populate(hv1, "a", 3)
+    nve1 = cp.nves["nve1"]
+    old_lease = nve1.lease_id
+    assert cp.store is not None
+    # What a pause longer than the TTL looks like from etcd: the lease is gone.
+    await cp.store.revoke_lease(old_lease)
+    await cp.wait("nve1", lambda: nve1.counters["lease_lost"] == 1)
+    assert nve1.lease_id != old_lease
+    result = await converged(cp, ["hv1"])
+    assert result["stale"] == 0
+    keys = await cp.keys()
+    assert cp.ep.layout.nve("nve1") in keys
