@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check clean
+.PHONY: demo test chaos lint typecheck check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# The long fault-injection run (>= 50 rounds, ~10 min); results go to docs/reliability.md.
+chaos: $(STAMP)
+	$(BIN)/nvo3 chaos --rounds 50 --seed 1 --json chaos-results.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

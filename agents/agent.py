@@ -83,6 +83,8 @@ class HypervisorAgent:
         # ``routes`` maps a VN reference (``str(VnRef)``, e.g. "alias=red") to its NVE.
         self.routes = dict(routes or {})
         self.vnic_nves: dict[str, set[str]] = {}
+        self.unsynced: set[str] = set()  # NVEs that missed a request: resync when back
+        self.resend_extra: Callable[[], int] | None = None  # chaos: duplicate publishes
         self.nc = nc
         self.subjects = subjects or Subjects()
         self.timeout = timeout
@@ -111,6 +113,7 @@ class HypervisorAgent:
                 response = await self.nc.request(subject, payload, timeout=self.timeout)
             except (NatsTimeout, NoRespondersError) as exc:
                 if attempt == self.attempts:
+                    self.unsynced.add(nve)
                     raise NveUnreachable(
                         f"NVE {nve} did not answer {message.kind} after {attempt} tries"
                     ) from exc
@@ -119,6 +122,9 @@ class HypervisorAgent:
                 delay = min(delay * 2, 1.0)
                 continue
             reply = decode_reply(response.data)
+            if self.resend_extra is not None:
+                for _ in range(self.resend_extra()):  # replays: must change nothing
+                    await self.nc.request(subject, payload, timeout=self.timeout)
             if isinstance(reply, ErrorReply):
                 raise AgentError(reply)
             return reply
@@ -155,19 +161,44 @@ class HypervisorAgent:
             vnic, lambda: self.desired.disconnect(vnic, vn),
             VnDisconnect(vnic=vnic, vn=vn, **self._envelope()), self.nve_for(vn))
 
+    async def _intended_addresses(
+        self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...],
+        change: Callable[[], None], message: Any,
+    ) -> OkReply:
+        """``_intended`` for (dis)associations, which only touch the MACs they name.
+
+        Saving just those MACs keeps the cost per request O(entries) instead of a deep
+        copy of the VNIC's whole state (a VNIC may carry thousands of MACs), and a
+        refusal rolls back only its own MACs, not requests pipelined after it.
+        """
+        entry = self.desired.vnics.get(vnic)
+        wanted = None if entry is None else entry.vns.get(vn)
+        macs = None if wanted is None else wanted.macs
+        saved = {} if macs is None else {
+            e.mac: (set(macs[e.mac]) if e.mac in macs else None) for e in entries}
+        change()
+        try:
+            return await self.send(message, self.nve_for(vn))
+        except AgentError:
+            if macs is not None:
+                for mac, ips in saved.items():
+                    if ips is None:
+                        macs.pop(mac, None)
+                    else:
+                        macs[mac] = ips
+            raise
+
     async def associate(self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]) -> OkReply:
-        return await self._intended(
-            vnic, lambda: self.desired.associate(vnic, vn, entries),
-            AddrAssociate(vnic=vnic, vn=vn, entries=entries, **self._envelope()),
-            self.nve_for(vn))
+        return await self._intended_addresses(
+            vnic, vn, entries, lambda: self.desired.associate(vnic, vn, entries),
+            AddrAssociate(vnic=vnic, vn=vn, entries=entries, **self._envelope()))
 
     async def disassociate(
         self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]
     ) -> OkReply:
-        return await self._intended(
-            vnic, lambda: self.desired.disassociate(vnic, vn, entries),
-            AddrDisassociate(vnic=vnic, vn=vn, entries=entries, **self._envelope()),
-            self.nve_for(vn))
+        return await self._intended_addresses(
+            vnic, vn, entries, lambda: self.desired.disassociate(vnic, vn, entries),
+            AddrDisassociate(vnic=vnic, vn=vn, entries=entries, **self._envelope()))
 
     async def replace(self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]) -> OkReply:
         """Make the NVE's address set for (vnic, vn) exactly ``entries`` [4.2]."""

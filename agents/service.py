@@ -61,6 +61,11 @@ class AgentService:
                 self.counters["nve_restarts_seen"] += 1
                 self.synced[announce.nve] = announce.epoch  # one sync per new epoch
                 self._wanted.put_nowait(announce.nve)
+            elif announce.nve in self.agent.unsynced:
+                # It missed requests of ours while unreachable and is back: resync.
+                self.agent.unsynced.discard(announce.nve)
+                self.counters["resyncs_after_unreachable"] += 1
+                self._wanted.put_nowait(announce.nve)
 
     async def _syncer(self) -> None:
         while True:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 from nats.aio.client import Client as Nats
+from nats.errors import NoRespondersError
 from pydantic import BaseModel
 
 from schemas.messages import ErrorReply, ServiceType, VnRef
@@ -36,7 +39,17 @@ class ImaClient:
         self.timeout = timeout
 
     async def _call(self, op: str, request: BaseModel) -> bytes:
-        msg = await self.nc.request(self.subjects.ima(op), dumps(request), timeout=self.timeout)
+        # In a NATS cluster a fresh subscription reaches the other servers a moment
+        # later; "no responders" right after start-up is worth a few quick retries.
+        for attempt in range(5):
+            try:
+                msg = await self.nc.request(self.subjects.ima(op), dumps(request),
+                                            timeout=self.timeout)
+                break
+            except NoRespondersError:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.1 * (attempt + 1))
         data: bytes = msg.data
         obj = orjson.loads(data)
         if isinstance(obj, dict) and obj.get("kind") == "error":

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     nve_run.add_argument("--id", required=True, help="NVE id (a token)")
     nve_run.add_argument("--underlay", required=True, help="the NVE's underlay IP address")
     nve_run.add_argument("--lease-ttl", type=int, default=5)
+    nve_run.add_argument("--hold-s", type=float, default=30.0,
+                         help="departure without handshake: hold bindings this long")
+    nve_run.add_argument("--announce-s", type=float, default=2.0,
+                         help="epoch announcement period")
     tables = nve_sub.add_parser("tables", help="show a running NVE's tables")
     _endpoint_args(tables)
     tables.add_argument("nve_id")
@@ -83,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoint_args(chk)
     chk.add_argument("--agents", help="hypervisor ids to ask besides those the NVEs know")
     chk.add_argument("--json", action="store_true")
+
+    chaos = sub.add_parser("chaos", help="random churn under injected faults, then the checker")
+    chaos.add_argument("--rounds", type=int, default=50)
+    chaos.add_argument("--seed", type=int, default=1)
+    chaos.add_argument("--json", dest="json_path", help="write per-round results here")
 
     schema = sub.add_parser("schema", help="JSON Schema of every message and record")
     schema.add_argument("action", choices=("export",))
@@ -206,7 +215,8 @@ async def _run_nve(args: argparse.Namespace) -> int:
     nc = await connect_nats(ep.nats, args.id)
     store = await open_store(ep.etcd)
     try:
-        config = NveConfig(args.id, args.underlay, lease_ttl=args.lease_ttl)
+        config = NveConfig(args.id, args.underlay, lease_ttl=args.lease_ttl,
+                           hold_s=args.hold_s, announce_s=args.announce_s)
         await NveService(config, nc, store, layout=ep.layout, subjects=ep.subjects).run()
     finally:
         await nc.close()
@@ -289,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
             from nvo3.up import run_subcommand
 
             return run_subcommand(args)
+        if args.command == "chaos":
+            from nvo3 import chaos
+
+            return chaos.main(args.rounds, args.seed, args.json_path)
         if args.command == "check":
             return _run_async(lambda: _check_command(args))
         if args.command == "vn":

@@ -51,7 +51,9 @@ SUBJECT_METHODS = {
     "nve_requests": "the NVE's wildcard subscription over the hv_request channels",
     "nve_tables": "nve_tables",
     "nve_observed": "nve_observed",
+    "nve_epoch": "nve_epoch",
     "ima": "one channel per IMA operation",
+    "agent_state": "agent_state",
     "agent_ctl": "agent_ctl (reserved)",
 }
 
@@ -122,6 +124,12 @@ def _summary(model: type[BaseModel]) -> str | None:
     return _SUMMARIES.get(model.__name__)
 
 
+def _free_form(name: str, title: str, summary: str) -> dict[str, Any]:
+    """A JSON object message without a model: operator views, not contracts."""
+    return {"name": name, "title": title, "summary": summary,
+            "contentType": "application/json", "payload": {"type": "object"}}
+
+
 def _ref(*parts: str) -> dict[str, str]:
     return {"$ref": "#/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)}
 
@@ -171,20 +179,22 @@ class _Builder:
         channel.update(extra or {})
         self.channels[key] = channel
 
-    def operation(self, key: str, channel: str, summary: str, reply_channel: str,
+    def operation(self, key: str, channel: str, summary: str, reply_channel: str | None,
                   bindings: dict[str, Any] | None = None) -> None:
+        """A request served with a reply or, without ``reply_channel``, a publication."""
         op: dict[str, Any] = {
-            "action": "receive",
+            "action": "receive" if reply_channel else "send",
             "channel": _ref("channels", channel),
             "summary": summary,
             "messages": [_ref("channels", channel, "messages", name)
                          for name in self.channels[channel].get("messages", {})],
-            "reply": {
+        }
+        if reply_channel:
+            op["reply"] = {
                 "channel": _ref("channels", reply_channel),
                 "messages": [_ref("channels", reply_channel, "messages", name)
                              for name in self.channels[reply_channel].get("messages", {})],
-            },
-        }
+            }
         if bindings:
             op["bindings"] = bindings
         self.operations[key] = op
@@ -212,16 +222,18 @@ def asyncapi_document(schema_ref: str = "schemas") -> dict[str, Any]:
     b.operation("nve_addr_observed", "nve_observed", "Glean an observed address.", "nve_reply")
 
     b.channel("nve_tables_reply", None, "The requester's NATS inbox.")
-    b.channels["nve_tables_reply"]["messages"] = {"NveTables": {
-        "name": "nve_tables", "title": "NveTables", "contentType": "application/json",
-        "summary": "The NVE's tables as `nvo3 nve tables --json` prints them: local VNICs, "
-                   "tags per port, remote bindings, counters. For operators; not a stable "
-                   "contract.",
-        "payload": {"type": "object"},
-    }}
+    b.channels["nve_tables_reply"]["messages"] = {"NveTables": _free_form(
+        "nve_tables", "NveTables",
+        "The NVE's tables as `nvo3 nve tables --json` prints them: local VNICs, tags per "
+        "port, remote bindings, counters. For operators; not a stable contract.")}
     b.channel("nve_tables", s.nve_tables("{nve}"), "Operator query of one NVE's tables.",
               [operator.TablesQuery])
     b.operation("nve_tables", "nve_tables", "Answer with the NVE's tables.", "nve_tables_reply")
+
+    b.channel("nve_epoch", s.nve_epoch("{nve}"),
+              "The NVE announces its epoch when it starts (and restarts); the agents it serves "
+              "subscribe and answer a new epoch with `hv_sync`.", [messages.EpochAnnounce])
+    b.operation("nve_epoch", "nve_epoch", "Announce this NVE's epoch.", None)
 
     # IMA: the VN registry [2, 4.1, 4.5], served by every replica in one queue group.
     queue = {"nats": {"queue": IMA_QUEUE_GROUP, "bindingVersion": NATS_BINDING_VERSION}}
@@ -237,6 +249,21 @@ def asyncapi_document(schema_ref: str = "schemas") -> dict[str, Any]:
         b.operation(f"ima_{op}", f"ima_{op}", _summary(request) or op, "ima_reply",
                     bindings=queue)
 
+    # Agents: the hypervisor side answers for its desired state.
+    b.channel("agent_state_reply", None, "The requester's NATS inbox.")
+    b.channels["agent_state_reply"]["messages"] = {"AgentState": _free_form(
+        "agent_state", "AgentState",
+        "The hypervisor's desired state per NVE (`hypervisor`, `nves`), which the "
+        "consistency checker compares with the NVEs' tables and the IMA.")}
+    b.channel("agent_state", s.agent_state("{hv}"),
+              "Ask the agent of hypervisor `{hv}` for the state it wants; the request payload "
+              "is ignored.")
+    b.channels["agent_state"]["messages"] = {"AgentStateQuery": {
+        "name": "agent_state_query", "title": "AgentStateQuery",
+        "summary": "Any payload; it is not read.", "payload": {}}}
+    b.operation("agent_state", "agent_state", "Answer with the agent's desired state.",
+                "agent_state_reply")
+
     b.channel("agent_ctl", s.agent_ctl("{hv}"),
               "Reserved for control of a hypervisor agent; nothing publishes or subscribes "
               "to it yet.")
@@ -249,8 +276,9 @@ def asyncapi_document(schema_ref: str = "schemas") -> dict[str, Any]:
             "description": (
                 "NATS subjects of draft-kreeger-nvo3-hypervisor-nve-cp-01 (RFC 8394) as "
                 "implemented by nvo3: hypervisor agents ask their external NVE, operators ask "
-                "the IMA and the NVEs. Every message is one JSON object and every operation is "
-                "a NATS request/reply, described here from the serving side (NVE, IMA). "
+                "the IMA and the NVEs. Every message is one JSON object. Operations are NATS "
+                "request/reply, described from the serving side (NVE, IMA, agent), except the "
+                "NVE's epoch announcement, a plain publication. "
                 f"An NVE subscribes to `{s.nve_requests('{nve}')}` for all its hypervisors and "
                 "refuses a payload whose `sender` or `kind` differs from the subject's `{hv}` "
                 "or kind token (`sender_mismatch`). "

@@ -44,7 +44,7 @@ def loads_object(data: bytes) -> dict[str, Any]:
 
 def _check_version(obj: dict[str, Any]) -> None:
     version = obj.get("v", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # true/1.0 are not 1
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
             f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})",

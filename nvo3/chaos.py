@@ -1,0 +1,386 @@
+"""``nvo3 chaos``: random VNIC churn under injected faults, judged by the checker.
+
+A 3-member etcd cluster and a 3-server NATS cluster (local processes), an
+in-process IMA, two NVEs as their own processes (so they can be killed and
+paused), four in-process agents.  Each round: churn from every agent (each
+request published 1-3 times), one fault chosen by the seed, then quiesce and
+run the consistency checker.  A round passes with 0 lost, 0 stale, 0 wrong VNI.
+
+Faults: kill -9 and restart of an NVE; SIGSTOP/SIGCONT of an NVE for longer
+than its lease TTL; kill of the etcd leader; kill of one NATS server; an agent
+restart.  etcd auto-compacts every few hundred revisions, so a paused NVE's
+watchers fall behind the compaction and must re-list (counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+import orjson
+
+from agents.agent import AgentError, HypervisorAgent, NveUnreachable
+from agents.service import AgentService
+from ima.client import ImaClient
+from ima.service import ImaService
+from nvo3.check import gather_and_check
+from nvo3.connect import Endpoints, connect_nats, open_store
+from nvo3.servers import LocalServers
+from schemas.messages import AddressEntry, VnRef
+
+LEASE_TTL = 2
+FAULTS = ("nve_kill", "nve_pause", "etcd_leader_kill", "nats_kill", "agent_restart")
+VNS = (VnRef(alias="blue"), VnRef(alias="red"))
+AGENTS = (("hv1", "nve1"), ("hv2", "nve1"), ("hv3", "nve2"), ("hv4", "nve2"))
+
+
+@dataclass
+class RoundResult:
+    round: int
+    fault: str
+    events: int
+    refused: int
+    unreachable: int
+    lost: int
+    stale: int
+    wrong_vni: int
+    cleanup_s: float | None
+    converge_s: float
+    relists: int
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == self.stale == self.wrong_vni == 0
+
+
+class NveProcess:
+    """One NVE as a child process; stopped by its pid only."""
+
+    def __init__(self, nve_id: str, underlay: str, ep: Endpoints) -> None:
+        self.nve_id, self.underlay, self.ep = nve_id, underlay, ep
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        env = {**os.environ, "NVO3_NATS": ",".join(self.ep.nats),
+               "NVO3_ETCD": ",".join(self.ep.etcd), "NVO3_KEY_ROOT": self.ep.key_root,
+               "NVO3_SUBJECT_ROOT": self.ep.subject_root}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "nvo3.cli", "nve", "run", "--id", self.nve_id,
+            "--underlay", self.underlay, "--lease-ttl", str(LEASE_TTL), "--hold-s", "1",
+            "--announce-s", "0.5", env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                async with asyncio.timeout(5):
+                    await self.proc.wait()
+            except TimeoutError:
+                await self.kill()
+
+
+class Chaos:
+    def __init__(self, servers: LocalServers, seed: int, out: TextIO) -> None:
+        self.servers = servers
+        self.rng = random.Random(seed)
+        self.out = out
+        self.ep = Endpoints(tuple(servers.nats_urls), tuple(servers.etcd_endpoints))
+        self.nves = {f"nve{i}": NveProcess(f"nve{i}", f"192.0.2.{i}", self.ep) for i in (1, 2)}
+        self.agents: dict[str, AgentService] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.conns: list[Any] = []
+        self.mac_counter = 0
+        self.tally: Counter[str] = Counter()
+        self.nc: Any = None
+        self.store: Any = None
+
+    async def _nats(self, name: str) -> Any:
+        nc = await connect_nats(self.ep.nats, name)
+        self.conns.append(nc)
+        return nc
+
+    async def setup(self) -> None:
+        self.nc = await self._nats("chaos")
+        self.store = await open_store(self.ep.etcd)
+        ima = ImaService(await self._nats("ima"), self.store, layout=self.ep.layout,
+                         subjects=self.ep.subjects)
+        self.tasks["ima"] = asyncio.create_task(ima.run())
+        await ima.ready.wait()
+        client = ImaClient(self.nc, self.ep.subjects)
+        await client.create("blue")
+        await client.create("red", service="l3")
+        for proc in self.nves.values():
+            await proc.start()
+        for hv, nve in AGENTS:
+            await self._start_agent(hv, nve)
+
+    async def _start_agent(self, hv: str, nve: str, previous: AgentService | None = None) -> None:
+        agent = HypervisorAgent(hv, nve, await self._nats(hv), subjects=self.ep.subjects,
+                                timeout=0.5, attempts=3)
+        agent.resend_extra = lambda: self.rng.randint(0, 2)
+        if previous is not None:
+            agent.desired = previous.agent.desired  # a restarted agent re-reads its inventory
+        service = AgentService(agent)
+        self.agents[hv] = service
+        self.tasks[hv] = asyncio.create_task(service.run())
+        await service.ready.wait()
+
+    async def teardown(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        for task in self.tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for proc in self.nves.values():
+            await proc.stop()
+        for nc in self.conns:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        if self.store is not None:
+            await self.store.close()
+
+    # ------------------------------------------------------------------ churn
+
+    def _mac(self) -> str:
+        self.mac_counter += 1
+        n = self.mac_counter
+        return f"02:cc:00:{n >> 16 & 255:02x}:{n >> 8 & 255:02x}:{n & 255:02x}"
+
+    async def churn(self, ops_per_agent: int) -> None:
+        results = await asyncio.gather(*(self._churn_agent(s.agent, ops_per_agent)
+                                         for s in self.agents.values()))
+        for events, refused, unreachable in results:
+            self.tally["events"] += events
+            self.tally["refused"] += refused
+            self.tally["unreachable"] += unreachable
+
+    async def _churn_agent(self, agent: HypervisorAgent, n: int) -> tuple[int, int, int]:
+        events = refused = unreachable = 0
+        for _ in range(n):
+            events += 1
+            try:
+                await self._one_op(agent)
+            except AgentError:
+                refused += 1
+            except NveUnreachable:
+                unreachable += 1
+        return events, refused, unreachable
+
+    async def _one_op(self, agent: HypervisorAgent) -> None:
+        rng = self.rng
+        vnics = sorted(agent.desired.vnics)
+        choice = rng.random()
+        if not vnics or choice < 0.25:
+            name = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            vn = rng.choice(VNS)
+            await agent.connect(name, "eth0", vn)
+            await agent.associate(name, vn, (AddressEntry(
+                mac=self._mac(), ips=(f"10.{rng.randint(1, 250)}.{rng.randint(0, 255)}."
+                                      f"{rng.randint(1, 254)}",)),))
+            return
+        name = rng.choice(vnics)
+        entry = agent.desired.vnics[name]
+        vn = rng.choice(sorted(entry.vns, key=str))
+        if choice < 0.55:
+            await agent.associate(name, vn, (AddressEntry(
+                mac=self._mac(), ips=(f"10.{rng.randint(1, 250)}.{rng.randint(0, 255)}."
+                                      f"{rng.randint(1, 254)}",)),))
+        elif choice < 0.65:
+            macs = sorted(entry.vns[vn].macs)
+            if macs:
+                await agent.disassociate(name, vn, (AddressEntry(mac=rng.choice(macs)),))
+        elif choice < 0.75:
+            await agent.shutdown(name)
+        elif choice < 0.85:
+            await agent.startup(name)
+        else:
+            await agent.remove_vnic(name)
+
+    # ----------------------------------------------------------------- faults
+
+    async def inject(self, fault: str) -> float | None:
+        """Inject one fault; returns the crash-cleanup time for an NVE kill."""
+        rng = self.rng
+        if fault == "nve_kill":
+            victim = self.nves[rng.choice(sorted(self.nves))]
+            other = next(n for n in self.nves if n != victim.nve_id)
+            before = await self._tables(other)
+            pointed = before is not None and any(
+                b["nve"] == victim.nve_id
+                for r in before["remote"].values() for b in r["entries"].values())
+            await victim.kill()
+            killed = time.monotonic()
+            cleanup = await self._wait_no_remote(other, victim.nve_id, LEASE_TTL + 5)
+            await victim.start()
+            if not pointed:
+                return None  # nothing of the victim's was in the other's table to clean
+            return float("inf") if cleanup is None else cleanup - killed
+        if fault == "nve_pause":
+            victim = self.nves[rng.choice(sorted(self.nves))]
+            victim.signal(19)  # SIGSTOP: longer than the lease TTL, on purpose
+            started = time.monotonic()
+            await self.churn(3)
+            # While it sleeps: history is compacted and every etcd member bounces once,
+            # so each of its watch streams must resume from a compacted revision.
+            await self.store.compact(await self.store.current_revision())
+            assert self.servers.etcd is not None
+            for member in self.servers.etcd.members:
+                member.kill()
+                await asyncio.to_thread(member.restart)
+            await asyncio.sleep(max(0.0, LEASE_TTL + 1.5 - (time.monotonic() - started)))
+            victim.signal(18)  # SIGCONT
+            return None
+        if fault == "etcd_leader_kill":
+            assert self.servers.etcd is not None
+            leader = next((m for m in self.servers.etcd.members if m.is_leader()), None)
+            if leader is not None:
+                leader.kill()
+                await self.churn(3)
+                await asyncio.to_thread(leader.restart)
+            return None
+        if fault == "nats_kill":
+            assert self.servers.nats is not None
+            server = rng.choice(self.servers.nats.members)
+            server.kill()
+            await self.churn(3)
+            await asyncio.to_thread(server.restart)
+            return None
+        hv = rng.choice(sorted(self.agents))
+        old = self.agents[hv]
+        self.tasks.pop(hv).cancel()
+        await self._start_agent(hv, old.agent.nve, old)
+        return None
+
+    async def _wait_no_remote(self, observer: str, dead: str, limit: float) -> float | None:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            snap = await self._tables(observer)
+            if snap is not None and not any(
+                b["nve"] == dead for r in snap["remote"].values() for b in r["entries"].values()
+            ):
+                return time.monotonic()
+            await asyncio.sleep(0.05)
+        return None
+
+    async def _tables(self, nve: str) -> dict[str, Any] | None:
+        try:
+            msg = await self.nc.request(self.ep.subjects.nve_tables(nve), b"{}", timeout=1)
+        except Exception:
+            return None
+        data: dict[str, Any] = orjson.loads(msg.data)
+        return data
+
+    # --------------------------------------------------------------- rounds
+
+    async def quiesce(self, limit: float) -> tuple[Any, float]:
+        start = time.monotonic()
+        report = None
+        while time.monotonic() - start < limit:
+            try:
+                report = await gather_and_check(self.nc, self.store, self.ep,
+                                                sorted(self.agents), request_timeout=2)
+            except Exception:
+                report = None
+            if report is not None and report.ok:
+                break
+            await asyncio.sleep(0.25)
+        return report, time.monotonic() - start
+
+    async def relists(self) -> int:
+        total = 0
+        for nve in self.nves:
+            snap = await self._tables(nve)
+            if snap is not None:
+                total += int(snap["counters"].get("relists_after_compaction", 0))
+        return total
+
+    async def round(self, index: int, fault: str, ops: int) -> RoundResult:
+        self.tally.clear()
+        await self.churn(ops)
+        cleanup = await self.inject(fault)
+        await self.churn(2)
+        report, converge = await self.quiesce(30.0)
+        lost = stale = wrong = -1
+        diffs: list[str] = ["checker could not run"]
+        if report is not None:
+            lost, stale, wrong = len(report.lost), len(report.stale), len(report.wrong_vni)
+            diffs = (report.lost + report.stale + report.wrong_vni)[:10]
+        t = self.tally
+        return RoundResult(index, fault, t["events"], t["refused"], t["unreachable"],
+                           lost, stale, wrong,
+                           None if cleanup is None else round(cleanup, 2), round(converge, 2),
+                           await self.relists(), diffs)
+
+
+HEADER = (f"{'round':>5} {'fault':<17} {'events':>6} {'refused':>7} {'unreach':>7} "
+          f"{'lost':>4} {'stale':>5} {'wrongvni':>8} {'cleanup_s':>9} {'converge_s':>10} "
+          f"{'relists':>7}")
+
+
+def _row(r: RoundResult) -> str:
+    cleanup = "-" if r.cleanup_s is None else f"{r.cleanup_s:.2f}"
+    return (f"{r.round:>5} {r.fault:<17} {r.events:>6} {r.refused:>7} {r.unreachable:>7} "
+            f"{r.lost:>4} {r.stale:>5} {r.wrong_vni:>8} {cleanup:>9} {r.converge_s:>10.2f} "
+            f"{r.relists:>7}")
+
+
+async def run_chaos(
+    servers: LocalServers, rounds: int, seed: int, out: TextIO, ops: int = 6,
+    faults: Sequence[str] = FAULTS,
+) -> list[RoundResult]:
+    chaos = Chaos(servers, seed, out)
+    results = []
+    try:
+        await chaos.setup()
+        print(f"chaos: seed={seed} rounds={rounds}", file=out, flush=True)
+        print(HEADER, file=out, flush=True)
+        for i in range(1, rounds + 1):
+            fault = faults[(i - 1) % len(faults)] if i <= len(faults) else chaos.rng.choice(
+                list(faults))
+            result = await chaos.round(i, fault, ops)
+            results.append(result)
+            print(_row(result), file=out, flush=True)
+            for diff in result.differences if not result.ok else ():
+                print("      " + diff, file=out, flush=True)
+    finally:
+        await chaos.teardown()
+    return results
+
+
+def main(rounds: int, seed: int, json_path: str | None = None, out: TextIO = sys.stdout) -> int:
+    servers = LocalServers(
+        nats_members=3, etcd_members=3,
+        etcd_args=["--auto-compaction-mode", "revision", "--auto-compaction-retention", "200"],
+    )
+    try:
+        servers.start()
+        results = asyncio.run(run_chaos(servers, rounds, seed, out))
+    finally:
+        servers.stop()
+    bad = [r for r in results if not r.ok]
+    print(f"chaos: {len(results)} rounds, {len(bad)} with lost/stale/wrong-VNI", file=out)
+    if json_path:
+        with open(json_path, "wb") as fh:
+            fh.write(orjson.dumps({"seed": seed, "rounds": [asdict(r) for r in results]},
+                                  option=orjson.OPT_INDENT_2))
+    return 1 if bad else 0
