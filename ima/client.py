@@ -11,6 +11,8 @@ from pydantic import BaseModel
 
 from schemas.messages import ErrorReply, ServiceType, VnRef
 from schemas.operator import (
+    PlacementReply,
+    PlacementSet,
     ProfileGet,
     ProfileReply,
     ProfileSet,
@@ -21,7 +23,7 @@ from schemas.operator import (
     VnReply,
 )
 from schemas.profile import VnProfile
-from schemas.records import VnRecord
+from schemas.records import VnMembers, VnRecord
 from schemas.subjects import Subjects
 from schemas.wire import dumps
 
@@ -63,9 +65,15 @@ class ImaClient:
         service: ServiceType = "l2",
         name: str | None = None,
         vn_id: int | None = None,
+        members: VnMembers | None = None,
     ) -> VnReply:
-        request = VnCreate(alias=alias, service=service, name=name, vn_id=vn_id)
+        request = VnCreate(alias=alias, service=service, name=name, vn_id=vn_id,
+                           members=members or VnMembers())
         return VnReply.model_validate_json(await self._call("create", request))
+
+    async def place(self, vnic: str, hypervisor: str) -> PlacementReply:
+        data = await self._call("placement_set", PlacementSet(vnic=vnic, hypervisor=hypervisor))
+        return PlacementReply.model_validate_json(data)
 
     async def get(self, ref: VnRef) -> VnRecord:
         return VnReply.model_validate_json(await self._call("get", VnGet(vn=ref))).vn

@@ -46,6 +46,13 @@ class KeyLayout:
     def vn_profiles_prefix(self) -> str:
         return f"{self.root}vn/profile/"
 
+    # Placement of VNICs on hypervisors [5]
+    def placement(self, vnic: str) -> str:
+        return f"{self.root}placement/{vnic}"
+
+    def placements_prefix(self) -> str:
+        return f"{self.root}placement/"
+
     # Address mappings [4.2]
     def map_prefix(self, vn: str) -> str:
         return f"{self.root}map/{vn}/"

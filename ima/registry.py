@@ -23,7 +23,7 @@ from ima.store import EtcdStore, KeyMissing, Put
 from schemas.errors import Conflict, ErrorCode, Exhausted, UnknownVn
 from schemas.messages import ServiceType, VnRef
 from schemas.profile import VnProfile
-from schemas.records import VnPointer, VnRecord
+from schemas.records import Placement, VnMembers, VnPointer, VnRecord
 from schemas.types import MAX_VN_ID, MAX_VNI
 
 MAX_ATTEMPTS = 256
@@ -84,6 +84,7 @@ class VnRegistry:
         name: str | None = None,
         vn_id: int | None = None,
         service: ServiceType = "l2",
+        members: VnMembers | None = None,
     ) -> tuple[VnRecord, bool]:
         """Create the VN or return the identical existing one; (record, created)."""
         wanted_name = name
@@ -100,6 +101,7 @@ class VnRegistry:
                 vni=vni_candidate(vn_name, attempt),
                 service=service,
                 created_ns=time.time_ns(),
+                members=members or VnMembers(),
             )
             pointer = _json(VnPointer(name=vn_name))
             keys = self._keys
@@ -148,6 +150,11 @@ class VnRegistry:
         return VnProfile.model_validate_json(kv.value).model_copy(
             update={"revision": kv.mod_revision}
         )
+
+    async def set_placement(self, placement: Placement) -> int:
+        """Where a VNIC runs [5]; NVEs that enforce placement follow it by watch."""
+        data = orjson.dumps(placement.model_dump(mode="json"))
+        return await self._store.put(self._keys.placement(placement.vnic), data)
 
     async def _existing(self, alias: str, name: str | None) -> VnRecord | None:
         if name is not None:

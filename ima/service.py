@@ -23,6 +23,8 @@ from ima.store import EtcdStore, StoreError
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.messages import ErrorReply
 from schemas.operator import (
+    PlacementReply,
+    PlacementSet,
     ProfileGet,
     ProfileReply,
     ProfileSet,
@@ -32,6 +34,7 @@ from schemas.operator import (
     VnListReply,
     VnReply,
 )
+from schemas.records import Placement
 from schemas.subjects import Subjects
 from schemas.wire import decode_model, dumps
 
@@ -57,7 +60,7 @@ class ImaService:
     async def run(self) -> None:
         subs = [
             await self.nc.subscribe(self.subjects.ima(op), queue=QUEUE_GROUP)
-            for op in ("create", "get", "list", "profile_set", "profile_get")
+            for op in ("create", "get", "list", "profile_set", "profile_get", "placement_set")
         ]
         try:
             async with asyncio.TaskGroup() as tg:
@@ -93,7 +96,8 @@ class ImaService:
         if op == "create":
             req = decode_model(data, VnCreate)
             record, created = await self.registry.create(
-                alias=req.alias, name=req.name, vn_id=req.vn_id, service=req.service
+                alias=req.alias, name=req.name, vn_id=req.vn_id, service=req.service,
+                members=req.members,
             )
             return VnReply(vn=record, created=created)
         if op == "get":
@@ -104,6 +108,11 @@ class ImaService:
             record = await self.registry.resolve(ps.vn)
             profile = await self.registry.set_profile(ps.vn, ps.profile)
             return ProfileReply(vn=record.name, profile=profile)
+        if op == "placement_set":
+            ps_req = decode_model(data, PlacementSet)
+            placement = Placement(vnic=ps_req.vnic, hypervisor=ps_req.hypervisor)
+            revision = await self.registry.set_placement(placement)
+            return PlacementReply(placement=placement, revision=revision)
         if op == "profile_get":
             pg = decode_model(data, ProfileGet)
             record = await self.registry.resolve(pg.vn)

@@ -148,6 +148,8 @@ class NveCore:
         self.vn_members: dict[str, set[str]] = {}  # vn -> local vnics
         self.vn_records: dict[str, VnRecord] = {}
         self.profiles: dict[str, VnProfile] = {}
+        self.placements: dict[str, str] = {}  # vnic -> hypervisor (from the IMA) [5]
+        self.enforce_placement = False
         self.remote = RemoteTable(nve_id)
         self.events: dict[str, int] = {}  # lifecycle/glean counters
         self._seen: dict[str, OrderedDict[int, tuple[HypervisorMessage, Outcome]]] = {}
@@ -287,9 +289,37 @@ class NveCore:
             space.peek("\0exhausted")  # raises with the standard message
             raise AssertionError("unreachable")
 
+    # --------------------------------------------------------- authorization
+
+    def _authorize(self, vnic: str, sender: str, vns: Iterable[VnRecord]) -> None:
+        """Draft 5: only authorized tenant systems join a VN, checked against the IMA.
+
+        The hypervisor's claim is not trusted: the VNIC must be placed on it
+        (when placement is enforced) and every VN's membership must admit it.
+        """
+        if self.enforce_placement:
+            placed = self.placements.get(vnic)
+            if placed != sender:
+                where = f"is placed on {placed}" if placed else "has no placement in the IMA"
+                raise ProtocolError(
+                    ErrorCode.NOT_AUTHORIZED,
+                    f"VNIC {vnic} {where}: hypervisor {sender} may not claim it",
+                    vnic=vnic,
+                )
+        for vn in vns:
+            if not vn.members.admits(sender, vnic):
+                raise ProtocolError(
+                    ErrorCode.NOT_AUTHORIZED,
+                    f"VN {vn.alias} ({vn.name}) does not admit VNIC {vnic} "
+                    f"from hypervisor {sender}",
+                    vnic=vnic,
+                    vn=vn.name,
+                )
+
     # ------------------------------------------------------------ VN connect
 
     def _connect(self, msg: VnConnect, vn: VnRecord, now_ns: int) -> Outcome:
+        self._authorize(msg.vnic, msg.sender, [vn])
         vnic = self.vnics.get(msg.vnic)
         if vnic is not None:
             self._check_owner(vnic, msg.sender)
@@ -627,6 +657,7 @@ class NveCore:
         self, msg: VnicPrepare, vns: Mapping[VnRef, VnRecord], now_ns: int
     ) -> Outcome:
         specs = self._resolved(msg.vns, vns)
+        self._authorize(msg.vnic, msg.sender, [r for r, _ in specs])
         vnic = self.vnics.get(msg.vnic)
         if vnic is not None and vnic.state is not VnicState.PREPARED:
             return self._prepare_local_move(vnic, msg, specs, now_ns)
@@ -745,6 +776,7 @@ class NveCore:
     ) -> Outcome:
         """The VNIC is already ours: an aborted migration or a same-NVE move [4.3]."""
         target = self._transition(vnic, "vnic_arrive", now_ns)
+        self._authorize(vnic.name, msg.sender, [att.vn for att in vnic.vns.values()])
         for record, _ in specs:
             if record.name not in vnic.vns:
                 raise ProtocolError(ErrorCode.NOT_CONNECTED,
@@ -839,6 +871,7 @@ class NveCore:
         now_ns: int,
     ) -> list[Effect]:
         wanted = self._resolved(spec.vns, vns)
+        self._authorize(spec.vnic, sender, [r for r, _ in wanted])
         vnic = self.vnics.get(spec.vnic)
         if vnic is not None:
             self._check_owner(vnic, sender)

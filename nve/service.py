@@ -24,10 +24,12 @@ from nats.aio.msg import Msg
 from ima.keys import KeyLayout
 from ima.mobility import MobilityPolicy
 from ima.registry import VnRegistry
-from ima.store import EtcdStore, LeaseLost, WatchCompacted
+from ima.store import EtcdStore, LeaseLost
 from nve.core import NveCore, Timers
 from nve.effects import BindIp, BindMac, Effect, StartWatch, StopWatch, UnbindIp, UnbindMac
 from nve.follower import VnFollower
+from nve.mirror import PrefixMirror
+from nve.ratelimit import RateLimiter
 from nve.remote import Binding
 from nve.resolver import VnResolver
 from nve.writer import ImaWriter, WriteClaim, WriteDelete, WriteOp, WritePut, WriteReport
@@ -41,7 +43,7 @@ from schemas.messages import (
     VnRef,
 )
 from schemas.profile import VnProfile
-from schemas.records import NveRecord, VnRecord
+from schemas.records import NveRecord, Placement, VnRecord
 from schemas.subjects import Subjects
 from schemas.wire import decode_hypervisor, decode_model, dumps
 
@@ -60,6 +62,10 @@ class NveConfig:
     tick_s: float = 0.25  # timer resolution
     announce_s: float = 2.0  # epoch announcement period (agents resync on a new epoch)
     port_scopes: tuple[tuple[str, str], ...] = ()  # ("hv/port", scope): shared tag spaces
+    enforce_placement: bool = False  # accept a VNIC only from the hypervisor it is placed on
+    reply_prefix: str | None = None  # e.g. "_INBOX_{hv}.": replies only into the sender's inbox
+    rate_per_s: float = 0.0  # per-hypervisor request rate (0: unlimited)
+    burst: float = 1000.0
     mobility: MobilityPolicy = field(default_factory=MobilityPolicy)
 
     @property
@@ -90,6 +96,8 @@ class NveService:
         self.subjects = subjects or Subjects()
         self.core = NveCore(config.nve_id, config.underlay, timers=config.timers,
                             port_scopes=dict(config.port_scopes))
+        self.core.enforce_placement = config.enforce_placement
+        self.limiter = RateLimiter(config.rate_per_s, config.burst)
         self.counters: Counter[str] = Counter()
         self.latencies: deque[int] = deque(maxlen=200_000)
         self.writer = ImaWriter(store, self.counters, config.nve_id, config.mobility)
@@ -112,7 +120,9 @@ class NveService:
         )
         tables = await self.nc.subscribe(self.subjects.nve_tables(cfg.nve_id))
         observed = await self.nc.subscribe(self.subjects.nve_observed(cfg.nve_id))
-        profile_rev = await self._load_profiles()
+        mirrors = self._mirrors()
+        for mirror in mirrors:
+            await mirror.load()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -122,7 +132,8 @@ class NveService:
                 tg.create_task(self._serve_tables(tables), name=f"{cfg.nve_id}-tables")
                 tg.create_task(self._serve_observed(observed), name=f"{cfg.nve_id}-glean")
                 tg.create_task(self._timers(), name=f"{cfg.nve_id}-timers")
-                tg.create_task(self._follow_profiles(profile_rev), name=f"{cfg.nve_id}-profiles")
+                for mirror in mirrors:
+                    tg.create_task(mirror.follow(), name=f"{cfg.nve_id}-mirror")
                 tg.create_task(self._announce(), name=f"{cfg.nve_id}-epoch")
                 self.ready.set()
         finally:
@@ -188,11 +199,16 @@ class NveService:
                     f"payload says sender={request.sender} kind={request.kind} but the "
                     f"subject says hypervisor={subject_hv} kind={subject_kind}",
                 )
+            self._check_reply_subject(msg, subject_hv)
+            if not self.limiter.allow(subject_hv, time.monotonic()):
+                raise ProtocolError(ErrorCode.RATE_LIMITED,
+                                    f"hypervisor {subject_hv} is over {self.config.rate_per_s}/s")
             vn = await self._resolve(request)
             vns = await self._resolve_many(request)
             outcome = self.core.apply(request, vn, time.time_ns(), vns=vns)
         except ProtocolError as exc:
             self.counters[f"errors.{exc.code}"] += 1
+            self._changed.set()
             await self._reply(msg, ErrorReply(seq=seq, code=exc.code, reason=exc.reason,
                                               details={k: str(v) for k, v in exc.fields.items()}))
             return
@@ -208,6 +224,15 @@ class NveService:
         task = asyncio.create_task(self._reply_when(done, msg, reply))
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
+
+    def _check_reply_subject(self, msg: Msg, hypervisor: str) -> None:
+        """A request may not aim our reply at another client's inbox [5]."""
+        prefix = self.config.reply_prefix
+        if prefix and msg.reply and not msg.reply.startswith(prefix.format(hv=hypervisor)):
+            self.counters["refused_reply_subject"] += 1
+            target, msg.reply = msg.reply, ""  # never answer into someone else's inbox
+            raise ProtocolError(ErrorCode.NOT_AUTHORIZED,
+                                f"reply subject {target!r} is not {hypervisor}'s inbox")
 
     async def _resolve(self, request: HypervisorMessage) -> VnRecord | None:
         ref = getattr(request, "vn", None)
@@ -366,40 +391,30 @@ class NveService:
                 self._replies.add(task)
                 task.add_done_callback(self._replies.discard)
 
-    # ------------------------------------------------------------- profiles
+    # ------------------------------------------- profiles and placements
 
-    async def _load_profiles(self) -> int:
-        items, revision = await self.store.get_prefix(self.layout.vn_profiles_prefix())
-        for kv in items:
-            self._set_profile(kv.key, kv.value, kv.mod_revision)
-        return revision
+    def _mirrors(self) -> list[PrefixMirror]:
+        """IMA data every NVE keeps a live copy of: VN profiles [4.5], placements [5]."""
+        return [
+            PrefixMirror(self.store, self.layout.vn_profiles_prefix(), self._set_profile,
+                         self._drop_profile, self.counters, self._changed.set),
+            PrefixMirror(self.store, self.layout.placements_prefix(), self._set_placement,
+                         self._drop_placement, self.counters, self._changed.set),
+        ]
 
-    async def _follow_profiles(self, revision: int) -> None:
-        """VN profiles [4.5] pushed to this NVE when the IMA's copy changes."""
-        prefix = self.layout.vn_profiles_prefix()
-        while True:
-            try:
-                async with self.store.watch_prefix(prefix, revision + 1) as watch:
-                    async for events in watch:
-                        for ev in events:
-                            if ev.kind == "put":
-                                self._set_profile(ev.key, ev.value, ev.mod_revision)
-                            else:
-                                self.core.profiles.pop(ev.key[len(prefix):], None)
-                        self.counters["profile_updates"] += len(events)
-                        self._changed.set()
-            except WatchCompacted:
-                self.counters["relists_after_compaction"] += 1
-                revision = await self._load_profiles()
-
-    def _set_profile(self, key: str, value: bytes, revision: int) -> None:
-        name = key.rsplit("/", 1)[-1]
-        try:
-            profile = VnProfile.model_validate_json(value)
-        except ValueError:
-            self.counters["bad_ima_records"] += 1
-            return
+    def _set_profile(self, name: str, value: bytes, revision: int) -> None:
+        profile = VnProfile.model_validate_json(value)
         self.core.profiles[name] = profile.model_copy(update={"revision": revision})
+
+    def _drop_profile(self, name: str) -> None:
+        self.core.profiles.pop(name, None)
+
+    def _set_placement(self, vnic: str, value: bytes, revision: int) -> None:
+        del revision
+        self.core.placements[vnic] = Placement.model_validate_json(value).hypervisor
+
+    def _drop_placement(self, vnic: str) -> None:
+        self.core.placements.pop(vnic, None)
 
     # ------------------------------------------------------------ operators
 

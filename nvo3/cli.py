@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from nats.errors import NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeout
+from pydantic import ValidationError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--service", choices=("l2", "l3"), default="l2")
     create.add_argument("--name", help="VN Name (UUID); generated if absent")
     create.add_argument("--id", type=int, dest="vn_id", help="VN ID; allocated if absent")
+    create.add_argument("--member-hv", action="append", default=[],
+                        help="only these hypervisors may connect VNICs (repeat); default: any")
+    create.add_argument("--member-vnic", action="append", default=[],
+                        help="only these VNICs may connect (repeat); default: any")
     create.add_argument("--json", action="store_true")
     lst = vn.add_parser("list", help="list VNs")
     _endpoint_args(lst)
@@ -82,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoint_args(show)
     show.add_argument("ref")
     show.add_argument("--json", action="store_true")
+
+    place = sub.add_parser("placement", help="where VNICs run (NVEs may enforce it) [5]")
+    place_sub = place.add_subparsers(dest="action", required=True)
+    place_set = place_sub.add_parser("set", help="record that VNIC runs on HYPERVISOR")
+    _endpoint_args(place_set)
+    place_set.add_argument("vnic")
+    place_set.add_argument("hypervisor")
 
     chk = sub.add_parser("check", help="compare agents' intent with NVE tables and the IMA")
     _endpoint_args(chk)
@@ -124,8 +136,12 @@ async def _vn_command(args: argparse.Namespace) -> int:
     try:
         client = ImaClient(nc, ep.subjects)
         if args.action == "create":
+            from schemas.records import VnMembers
+
+            members = VnMembers(hypervisors=tuple(args.member_hv),
+                                vnics=tuple(args.member_vnic))
             reply = await client.create(args.alias, service=args.service, name=args.name,
-                                        vn_id=args.vn_id)
+                                        vn_id=args.vn_id, members=members)
             vns = [reply.vn]
         elif args.action == "list":
             vns = await client.list()
@@ -160,6 +176,21 @@ async def _tables_command(args: argparse.Namespace) -> int:
             _print_json(snapshot)
         else:
             print(nve_tables(snapshot))
+        return EXIT_OK
+    finally:
+        await nc.close()
+
+
+async def _placement_command(args: argparse.Namespace) -> int:
+    from ima.client import ImaClient
+    from nvo3.connect import connect_nats
+
+    ep = _endpoints(args)
+    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False)
+    try:
+        reply = await ImaClient(nc, ep.subjects).place(args.vnic, args.hypervisor)
+        print(f"VNIC {reply.placement.vnic} placed on {reply.placement.hypervisor} "
+              f"(revision {reply.revision})")
         return EXIT_OK
     finally:
         await nc.close()
@@ -274,6 +305,11 @@ def _run_async(factory: Callable[[], Awaitable[int]]) -> int:
     except (AgentError, ImaError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except ValidationError as exc:
+        from schemas.wire import summarize
+
+        print(f"invalid input: {summarize(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     except (NveUnreachable, NatsTimeout, NoRespondersError, NoServersError, StoreError,
             OSError) as exc:
         print(f"unreachable: {exc!r}", file=sys.stderr)
@@ -303,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             from nvo3 import chaos
 
             return chaos.main(args.rounds, args.seed, args.json_path)
+        if args.command == "placement":
+            return _run_async(lambda: _placement_command(args))
         if args.command == "check":
             return _run_async(lambda: _check_command(args))
         if args.command == "vn":

@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     ADDRESS_FROZEN = "address_frozen"  # moved too often: duplicate detection (EVPN)
     NOT_AUTHORIZED = "not_authorized"  # outside what the VNIC may use
     AMBIGUOUS = "ambiguous"  # a gleaned address matches no single VNIC
+    RATE_LIMITED = "rate_limited"  # this hypervisor sent more than its share
     IMA_UNAVAILABLE = "ima_unavailable"
     INTERNAL = "internal"
 

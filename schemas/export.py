@@ -34,6 +34,8 @@ MODELS: tuple[type[BaseModel], ...] = (
     operator.VnList,
     operator.VnReply,
     operator.VnListReply,
+    operator.PlacementSet,
+    operator.PlacementReply,
     operator.ProfileSet,
     operator.ProfileGet,
     operator.ProfileReply,
@@ -43,6 +45,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     records.MacBinding,
     records.IpBinding,
     records.NveRecord,
+    records.Placement,
 )
 
 

@@ -9,8 +9,8 @@ from pydantic import Field
 from schemas.base import PROTOCOL_VERSION, Strict
 from schemas.messages import ServiceType, VnRef
 from schemas.profile import VnProfile
-from schemas.records import VnRecord
-from schemas.types import Alias, VnId, VnName
+from schemas.records import Placement, VnMembers, VnRecord
+from schemas.types import Alias, HypervisorId, VnicName, VnId, VnName
 
 
 class VnCreate(Strict):
@@ -22,6 +22,23 @@ class VnCreate(Strict):
     name: VnName | None = None
     vn_id: VnId | None = None
     service: ServiceType = "l2"
+    members: VnMembers = Field(default_factory=VnMembers)
+
+
+class PlacementSet(Strict):
+    """Record where a VNIC runs (orchestrator/operator); NVEs may enforce it [5]."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["placement_set"] = "placement_set"
+    vnic: VnicName
+    hypervisor: HypervisorId
+
+
+class PlacementReply(Strict):
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["placement"] = "placement"
+    placement: Placement
+    revision: int = 0
 
 
 class VnGet(Strict):

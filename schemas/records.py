@@ -14,6 +14,7 @@ from schemas.base import PROTOCOL_VERSION, Strict
 from schemas.messages import ServiceType
 from schemas.types import (
     Alias,
+    HypervisorId,
     IpEntry,
     Mac,
     NveId,
@@ -26,6 +27,18 @@ from schemas.types import (
 )
 
 
+class VnMembers(Strict):
+    """Who may join a VN [5]; an empty tuple means "anyone" for that dimension."""
+
+    hypervisors: tuple[HypervisorId, ...] = Field(default=(), max_length=4096)
+    vnics: tuple[VnicName, ...] = Field(default=(), max_length=65536)
+
+    def admits(self, hypervisor: str, vnic: str) -> bool:
+        return (not self.hypervisors or hypervisor in self.hypervisors) and (
+            not self.vnics or vnic in self.vnics
+        )
+
+
 class VnRecord(Strict):
     """The registry entry of a VN: Name <-> ID one-to-one, Alias, VN context [2, 4.1]."""
 
@@ -36,6 +49,19 @@ class VnRecord(Strict):
     vni: Vni
     service: ServiceType = "l2"
     created_ns: TimestampNs = 0
+    members: VnMembers = Field(default_factory=VnMembers)
+
+
+class Placement(Strict):
+    """Where a VNIC runs, written by the orchestrator/operator [5].
+
+    An NVE that enforces placement accepts a VNIC only from this hypervisor;
+    a migration updates it before the VNIC arrives.
+    """
+
+    v: Literal[1] = PROTOCOL_VERSION
+    vnic: VnicName
+    hypervisor: HypervisorId
 
 
 class VnPointer(Strict):

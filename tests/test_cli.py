@@ -84,3 +84,17 @@ async def test_agent_run_once_applies_an_inventory(cp: Slice, tmp_path: object) 
     assert rc == 0, err
     assert b"inventory applied" in out
     assert len([k for k in await cp.keys() if "/map/" in k]) == 2
+
+
+async def test_placement_and_membership_from_the_cli(cp: Slice) -> None:
+    rc, out, err = await nvo3(cp, "vn", "create", "gold", "--member-hv", "hv1", "--json")
+    assert rc == 0, err
+    assert orjson.loads(out)[0]["members"]["hypervisors"] == ["hv1"]
+    vnic = "6f1c2c4e-2a3b-4c5d-8e9f-0a1b2c3d4e5f"
+    rc, out, err = await nvo3(cp, "placement", "set", vnic, "hv1")
+    assert rc == 0, err
+    assert b"placed on hv1" in out
+    rc, _, err = await nvo3(cp, "placement", "set", "not-a-uuid", "hv1")
+    assert rc == 2
+    assert b"invalid input" in err
+    assert b"not a UUID" in err
