@@ -22,7 +22,15 @@ import orjson
 from pydantic import ValidationError
 
 from ima.keys import KeyLayout
-from ima.store import EtcdStore, KeyValue, Page, RevisionCompacted, WatchCompacted, WatchEvent
+from ima.store import (
+    EtcdStore,
+    KeyValue,
+    Page,
+    RevisionCompacted,
+    StoreError,
+    WatchCompacted,
+    WatchEvent,
+)
 from nve.remote import Binding, RemoteTable
 from schemas.records import IpBinding, MacBinding
 
@@ -176,19 +184,26 @@ class VnFollower:
     async def run(self, resume_from: int = 0) -> None:
         """Follow the VN; ``resume_from`` (a warm restart) skips the first listing."""
         prefix = self._layout.map_prefix(self.vn)
+        backoff = 0.1
         while self._remote.serves(self.vn):
-            if resume_from:
-                revision, resume_from = resume_from - 1, 0
-            else:
-                revision = await self._relist(prefix)
             try:
+                if resume_from:
+                    revision, resume_from = resume_from - 1, 0
+                else:
+                    revision = await self._relist(prefix)
                 async with self._store.watch_prefix(prefix, revision + 1) as watch:
                     async for events in watch:
                         self._apply(events)
+                        backoff = 0.1
             except WatchCompacted as exc:
                 self._counters["relists_after_compaction"] += 1
                 _log.warning("VN %s: watch revision compacted (%d); re-listing",
                              self.vn, exc.compact_revision)
+            except StoreError as exc:  # etcd unreachable for longer than its retries
+                self._counters["follower_retries"] += 1
+                _log.warning("VN %s: IMA unavailable (%s); re-listing", self.vn, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     async def _relist(self, prefix: str) -> int:
         """List the VN at one revision and replace what the remote table holds of it.

@@ -7,12 +7,13 @@ not parse is counted and ignored, so one bad value cannot stop the mirror.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from ima.store import EtcdStore, WatchCompacted
+from ima.store import EtcdStore, StoreError, WatchCompacted
 
 
 class PrefixMirror:
@@ -41,6 +42,7 @@ class PrefixMirror:
         return self.revision
 
     async def follow(self) -> None:
+        backoff = 0.1
         while True:
             try:
                 async with self._store.watch_prefix(self.prefix, self.revision + 1) as watch:
@@ -55,7 +57,18 @@ class PrefixMirror:
                         self._on_change()
             except WatchCompacted:
                 self._counters["relists_after_compaction"] += 1
-                await self.load()
+                await self._reload()
+            except StoreError:  # etcd unreachable past its retries: list again later
+                self._counters["mirror_retries"] += 1
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                await self._reload()
+
+    async def _reload(self) -> None:
+        try:
+            await self.load()
+        except StoreError:
+            self._counters["mirror_retries"] += 1
 
     def _put(self, key: str, value: bytes, revision: int) -> None:
         try:

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from ima.keys import KeyLayout
 from ima.mobility import MobilityPolicy
 from ima.registry import VnRegistry
-from ima.store import EtcdStore, LeaseLost
+from ima.store import EtcdStore, LeaseLost, StoreError
 from nve.core import NveCore, Timers
 from nve.effects import BindIp, BindMac, Effect, StartWatch, StopWatch, UnbindIp, UnbindMac
 from nve.follower import VnFollower
@@ -155,6 +155,18 @@ class NveService:
         await self.store.put(self.layout.nve(cfg.nve_id), _json(record), lease=self.lease_id)
         self.writer.new_lease(self.lease_id)
 
+    async def _retake_lease(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._take_lease()
+                return
+            except StoreError as exc:  # etcd is still recovering: keep trying
+                self.counters["lease_retries"] += 1
+                _log.warning("NVE %s: cannot take a new lease yet (%s)", self.config.nve_id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
     async def _hold_lease(self) -> None:
         """Keep the lease; if it was lost (a pause longer than its TTL), come back.
 
@@ -170,7 +182,7 @@ class NveService:
                 self.counters["lease_lost"] += 1
                 _log.error("NVE %s: etcd lease lost; re-registering and republishing",
                            self.config.nve_id)
-                await self._take_lease()
+                await self._retake_lease()
                 ops = self._execute(self.core.republish())
                 self.counters["ima_ops.republish"] += len(ops)
                 await self.writer.submit(ops)

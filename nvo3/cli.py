@@ -310,6 +310,8 @@ def _run_async(factory: Callable[[], Awaitable[int]]) -> int:
 
         print(f"invalid input: {summarize(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # stdout closed early (`| head`): not an error of ours
+        return EXIT_OK
     except (NveUnreachable, NatsTimeout, NoRespondersError, NoServersError, StoreError,
             OSError) as exc:
         print(f"unreachable: {exc!r}", file=sys.stderr)

@@ -20,6 +20,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,10 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+if TYPE_CHECKING:
+    from nvo3.security import Credentials, SecureSpec
 
 __all__ = [
     "ETCD_READY_TIMEOUT",
@@ -121,12 +125,25 @@ def free_port() -> int:
     raise RuntimeError("could not find an unused loopback port")
 
 
-def _http(url: str, body: bytes | None = None) -> tuple[int, bytes] | None:
-    """One short probe; None means nothing (usable) answered yet, which callers poll past."""
+def _opener(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
+    if context is None:
+        return _HTTP
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
+
+
+def _http(
+    url: str, body: bytes | None = None, context: ssl.SSLContext | None = None
+) -> tuple[int, bytes] | None:
+    """One short probe; None means nothing (usable) answered yet, which callers poll past.
+
+    ``context`` is for a secured etcd: it must present a client certificate.
+    """
     headers = {"Content-Type": "application/json"} if body is not None else {}
     request = urllib.request.Request(url, data=body, headers=headers)
     try:
-        with _HTTP.open(request, timeout=_PROBE_TIMEOUT) as response:
+        with _opener(context).open(request, timeout=_PROBE_TIMEOUT) as response:
             status: int = response.status
             payload: bytes = response.read()
             return status, payload
@@ -141,8 +158,10 @@ def _http(url: str, body: bytes | None = None) -> tuple[int, bytes] | None:
         return None
 
 
-def _http_json(url: str, body: bytes | None = None) -> dict[str, Any] | None:
-    answer = _http(url, body)
+def _http_json(
+    url: str, body: bytes | None = None, context: ssl.SSLContext | None = None
+) -> dict[str, Any] | None:
+    answer = _http(url, body, context)
     if answer is None or answer[0] != 200:
         return None
     try:
@@ -329,6 +348,10 @@ class ManagedProcess:
         """Freeze the member: sockets stay open but nothing answers, unlike kill()."""
         self._signal(signal.SIGSTOP)
 
+    def hangup(self) -> None:
+        """SIGHUP: nats-server reloads its configuration file (users, permissions, TLS)."""
+        self._signal(signal.SIGHUP)
+
     def resume(self) -> None:
         self._signal(signal.SIGCONT)
 
@@ -437,6 +460,11 @@ class NatsServer:
 
     ``start()`` is a fresh start (new ports, empty store); ``restart()`` brings a stopped
     member back on the same ports with its JetStream store, as a rebooted node would.
+
+    With ``credentials`` (secure mode, ``nvo3/security.py``) the server also reads a
+    generated config file: TLS with client certificates on the client port and on the
+    routes, route authentication, and one NKey user per identity with its permissions.
+    ``reload()`` re-renders that file and signals the server to apply it.
     """
 
     def __init__(
@@ -447,12 +475,14 @@ class NatsServer:
         cluster_name: str | None = None,
         extra_args: Sequence[str] = (),
         ready_timeout: float = NATS_READY_TIMEOUT,
+        credentials: Credentials | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.name = name or f"nats-{secrets.token_hex(4)}"
         self.cluster_name = cluster_name
         self.extra_args = list(extra_args)
         self.ready_timeout = ready_timeout
+        self.credentials = credentials
         self.port = 0
         self.monitor_port = 0
         self.cluster_port = 0
@@ -483,6 +513,11 @@ class NatsServer:
         return self.workdir / f"{self.name}.log"
 
     @property
+    def config_path(self) -> Path:
+        """The generated config file of secure mode (next to the data dir, not in it)."""
+        return self.workdir / f"{self.name}.conf"
+
+    @property
     def alive(self) -> bool:
         return self.process is not None and self.process.alive
 
@@ -490,6 +525,31 @@ class NatsServer:
         self.port = free_port()
         self.monitor_port = free_port()
         self.cluster_port = free_port() if self.cluster_name else 0
+
+    def write_config(self) -> None:
+        """Render the secure-mode config file for the current ports and routes."""
+        if self.credentials is None:
+            return
+        from nvo3.pki import write_secret
+        from nvo3.security import render_nats_config
+
+        text = render_nats_config(
+            self.credentials,
+            cluster_name=self.cluster_name,
+            cluster_port=self.cluster_port,
+            routes=self.routes,
+            host=HOST,
+        )
+        # It holds the route password: owner-only.
+        write_secret(self.config_path, text.encode())
+
+    def reload(self) -> None:
+        """Apply changed credentials (added, rotated or removed users) without a restart."""
+        if self.credentials is None:
+            raise RuntimeError(f"{self.name} is not in secure mode; nothing to reload")
+        self.write_config()
+        if self.process is not None and self.process.alive:
+            self.process.hangup()
 
     def wipe(self) -> None:
         shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -504,7 +564,10 @@ class NatsServer:
             "-js",
             "-sd", str(self.data_dir / "js"),
         ]  # fmt: skip
-        if self.cluster_name:
+        if self.credentials is not None:
+            # Cluster, TLS and users live in the file: route TLS/auth have no flags.
+            args += ["-c", str(self.config_path)]
+        elif self.cluster_name:
             args += ["--cluster_name", self.cluster_name, "--cluster", self.cluster_url]
             if self.routes:
                 args += ["--routes", ",".join(self.routes)]
@@ -518,6 +581,7 @@ class NatsServer:
             self.assign_ports()
         argv = self.argv()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.write_config()
         self.process = ManagedProcess(argv, self.log_path)
 
     def probe(self) -> bool:
@@ -584,12 +648,16 @@ class EtcdServer:
         cluster_token: str | None = None,
         extra_args: Sequence[str] = (),
         ready_timeout: float = ETCD_READY_TIMEOUT,
+        credentials: Credentials | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.name = name or f"etcd-{secrets.token_hex(4)}"
         self.cluster_token = cluster_token or f"nvo3-{secrets.token_hex(4)}"
         self.extra_args = list(extra_args)
         self.ready_timeout = ready_timeout
+        self.credentials = credentials
+        # The launcher's probes present the server certificate (its CN is no etcd user).
+        self._probe_context = credentials.server_context() if credentials is not None else None
         self.client_port = 0
         self.peer_port = 0
         self.initial_cluster = ""
@@ -604,12 +672,16 @@ class EtcdServer:
         return f"{HOST}:{self.client_port}"
 
     @property
+    def scheme(self) -> str:
+        return "http" if self.credentials is None else "https"
+
+    @property
     def client_url(self) -> str:
-        return f"http://{HOST}:{self.client_port}"
+        return f"{self.scheme}://{HOST}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{HOST}:{self.peer_port}"
+        return f"{self.scheme}://{HOST}:{self.peer_port}"
 
     @property
     def data_dir(self) -> Path:
@@ -642,7 +714,29 @@ class EtcdServer:
             "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
             "--initial-cluster-state", "new",
             "--initial-cluster-token", self.cluster_token,
+            *self._tls_args(),
             *self.extra_args,
+        ]  # fmt: skip
+
+    def _tls_args(self) -> list[str]:
+        """Secure mode: client TLS with client certificates (CN = RBAC user), peer TLS."""
+        creds = self.credentials
+        if creds is None:
+            return []
+        from nvo3.security import SERVER_CN
+
+        cert, key, ca = creds.server_cert_file, creds.server_key_file, creds.ca_file
+        return [
+            "--cert-file", str(cert),
+            "--key-file", str(key),
+            "--trusted-ca-file", str(ca),
+            "--client-cert-auth",
+            "--peer-cert-file", str(cert),
+            "--peer-key-file", str(key),
+            "--peer-trusted-ca-file", str(ca),
+            "--peer-client-cert-auth",
+            # Only servers are peers: a client certificate of the same CA is not.
+            "--peer-cert-allowed-cn", SERVER_CN,
         ]  # fmt: skip
 
     def launch(self) -> None:
@@ -659,11 +753,12 @@ class EtcdServer:
         self.process = ManagedProcess(argv, self.log_path, env=env)
 
     def probe(self) -> bool:
-        health = _http_json(f"{self.client_url}/health")
+        ctx = self._probe_context
+        health = _http_json(f"{self.client_url}/health", context=ctx)
         if health is None or health.get("health") != "true":
             return False
         # Same port-race guard as for NATS: the answering cluster must list us by name.
-        members = _http_json(f"{self.client_url}/v3/cluster/member/list", b"{}")
+        members = _http_json(f"{self.client_url}/v3/cluster/member/list", b"{}", ctx)
         if members is None:
             return False
         return any(
@@ -676,7 +771,9 @@ class EtcdServer:
         """False when the member does not answer (dead, paused): then its order does not matter."""
         if not self.alive:
             return False
-        status = _http_json(f"{self.client_url}/v3/maintenance/status", b"{}")
+        status = _http_json(
+            f"{self.client_url}/v3/maintenance/status", b"{}", self._probe_context
+        )
         if status is None:
             return False
         header = status.get("header")

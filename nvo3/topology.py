@@ -137,10 +137,15 @@ Source = TopologySource | ComposeSource
 
 def load(path: Path) -> Source:
     """Read a topology or compose file (compose has ``services:``); ValueError if invalid."""
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError("expected a YAML mapping")
     if "services" in data:
+        if not isinstance(data["services"], dict) or not data["services"]:
+            raise ValueError("services: expected a mapping of services")
         return ComposeSource(path, data)
     try:
         topology = Topology.model_validate(data)

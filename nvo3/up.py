@@ -11,10 +11,10 @@ its own pid.
 Status lines look like this::
 
     nvo3 up: deploy/topology.yaml (logs in /tmp/nvo3-up-1a2b/logs)
-      nats1        pid 4101     ready      nats://127.0.0.1:40123
-      nve1         pid 4120     ready      nvo3 nve run --id nve1 --underlay 192.0.2.1
-      vn-blue      pid 4117     done       nvo3 vn create blue --service l2
-    ready: 3 nats, 3 etcd, 2 ima, 2 nve, 4 agent, 2 job
+      nats1        pid 4101     ready        nats://127.0.0.1:40123
+      nve1         pid 4120     ready        nvo3 nve run --id nve1 --underlay 192.0.2.1
+      vn-blue      pid 4117     done         nvo3 vn create blue --service l2
+    ready: 3 nats, 3 etcd, 2 ima, 2 job, 2 nve, 4 agent
     NVO3_NATS=nats://127.0.0.1:40123,... NVO3_ETCD=127.0.0.1:40201,...
 
 After ``ready`` a line is printed whenever a process exits.  On SIGTERM or
@@ -64,7 +64,7 @@ def status_line(name: str, pid: int | None, state: str, detail: str,
                 width: int = NAME_WIDTH) -> str:
     """``  nve1         pid 4120     ready      nvo3 nve run --id nve1 ...``"""
     pid_text = f"pid {pid}" if pid is not None else "pid -"
-    return f"  {name:<{width}} {pid_text:<12} {state:<10} {detail}".rstrip()
+    return f"  {name:<{width}} {pid_text:<12} {state:<12} {detail}".rstrip()
 
 
 class UpError(RuntimeError):
@@ -116,7 +116,8 @@ def _levels(specs: Sequence[ProcSpec]) -> dict[str, int]:
     """Dependency depth of each process; rejects unknown names and cycles."""
     by_name = {s.name: s for s in specs}
     if len(by_name) != len(specs):
-        raise UpError("duplicate process names")
+        names = [s.name for s in specs]
+        raise UpError(f"two processes named {sorted({n for n in names if names.count(n) > 1})}")
     levels: dict[str, int] = {}
 
     def level(name: str, path: tuple[str, ...]) -> int:

@@ -42,6 +42,7 @@ IMA_OPS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "list": (operator.VnList, operator.VnListReply),
     "profile_set": (operator.ProfileSet, operator.ProfileReply),
     "profile_get": (operator.ProfileGet, operator.ProfileReply),
+    "placement_set": (operator.PlacementSet, operator.PlacementReply),
 }
 
 # The Subjects methods each channel family covers (the test checks that every

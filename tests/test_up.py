@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import re
@@ -20,6 +21,7 @@ import pytest
 from agents.inventory import load_inventory
 from nvo3 import topology
 from nvo3.topology import Plan, TopologySource, compose_plan, topology_plan
+from nvo3.up import ProcSpec, Supervisor, UpError
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGY = ROOT / "deploy" / "topology.yaml"
@@ -80,6 +82,59 @@ def test_bad_topology_is_a_usage_error(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 2
     assert "nves" in done.stderr
+
+
+# ---------------------------------------------------------------------- the supervisor
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_supervisor_starts_in_dependency_order_and_stops_by_pid(tmp_path: Path) -> None:
+    flag = tmp_path / "server-ready"
+    specs = [
+        ProcSpec("agent", _py("import time; time.sleep(60)"), "agent",
+                 depends_on={"job": "completed", "server": "healthy"}),
+        ProcSpec("job", _py("pass"), "job", oneshot=True, depends_on={"server": "healthy"}),
+        ProcSpec("server", _py(f"import pathlib, time; time.sleep(0.3); "
+                               f"pathlib.Path({str(flag)!r}).touch(); time.sleep(60)"),
+                 "server", health=flag.exists),
+    ]
+    out = io.StringIO()
+    supervisor = Supervisor(specs, tmp_path / "logs", out, start_timeout=30)
+    supervisor.start()
+    try:
+        lines = out.getvalue().splitlines()
+        order = [line.split()[0] + " " + line.split()[3] for line in lines]
+        assert order == ["server starting", "server ready", "job starting", "job done",
+                         "agent starting", "agent ready"]
+        assert supervisor.summary() == "1 agent, 1 job, 1 server"
+    finally:
+        supervisor.stop()
+    stopped = [line.split()[0] for line in out.getvalue().splitlines() if "stopped" in line]
+    assert stopped == ["agent", "server"]
+    assert all(_gone(pid) for pid in supervisor.pids)
+
+
+def test_a_failing_job_stops_what_was_started(tmp_path: Path) -> None:
+    specs = [
+        ProcSpec("server", _py("import time; time.sleep(60)"), "server"),
+        ProcSpec("job", _py("print('boom'); raise SystemExit(3)"), "job", oneshot=True,
+                 depends_on={"server": "started"}),
+    ]
+    supervisor = Supervisor(specs, tmp_path / "logs", io.StringIO(), start_timeout=30)
+    with pytest.raises(UpError, match=r"(?s)job: job exited with 3.*boom"):
+        supervisor.start()
+    assert all(_gone(pid) for pid in supervisor.pids)
+
+
+def test_cycles_and_unknown_dependencies_are_refused(tmp_path: Path) -> None:
+    def spec(name: str, *deps: str) -> ProcSpec:
+        return ProcSpec(name, _py("pass"), "x", depends_on=dict.fromkeys(deps, "started"))
+
+    with pytest.raises(UpError, match="cycle: a -> b -> a"):
+        Supervisor([spec("a", "b"), spec("b", "a")], tmp_path, io.StringIO())
+    with pytest.raises(UpError, match="depends on unknown 'c'"):
+        Supervisor([spec("a", "c")], tmp_path, io.StringIO())
 
 
 # ---------------------------------------------------------------------- running it
