@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="departure without handshake: hold bindings this long")
     nve_run.add_argument("--announce-s", type=float, default=2.0,
                          help="epoch announcement period")
+    nve_run.add_argument("--metrics-port", type=int, default=-1,
+                         help="serve Prometheus /metrics on this port (0: any free; -1: off)")
     tables = nve_sub.add_parser("tables", help="show a running NVE's tables")
     _endpoint_args(tables)
     tables.add_argument("nve_id")
@@ -248,7 +250,13 @@ async def _run_nve(args: argparse.Namespace) -> int:
     try:
         config = NveConfig(args.id, args.underlay, lease_ttl=args.lease_ttl,
                            hold_s=args.hold_s, announce_s=args.announce_s)
-        await NveService(config, nc, store, layout=ep.layout, subjects=ep.subjects).run()
+        service = NveService(config, nc, store, layout=ep.layout, subjects=ep.subjects)
+        if args.metrics_port >= 0:
+            from nvo3.metrics import serve_metrics
+
+            port = serve_metrics(service, args.metrics_port)
+            print(f"nve {args.id}: metrics on http://127.0.0.1:{port}/metrics", flush=True)
+        await service.run()
     finally:
         await nc.close()
         await store.close()
