@@ -33,7 +33,7 @@ from nve.effects import (
 from nve.lifecycle import VnicState, next_state
 from nve.remote import RemoteTable, ip_entry, mac_entry
 from nve.tags import TagSpace
-from schemas.errors import Conflict, ErrorCode, ProtocolError
+from schemas.errors import Conflict, ErrorCode, Exhausted, ProtocolError
 from schemas.messages import (
     AddrAssociate,
     AddrDisassociate,
@@ -220,7 +220,7 @@ class NveCore:
     def _count(self, event: str) -> None:
         self.events[event] = self.events.get(event, 0) + 1
 
-    def _transition(self, vnic: Vnic, event: str, now_ns: int) -> VnicState:
+    def _transition(self, vnic: Vnic, event: str) -> VnicState:
         """The state ``event`` leads to, or ``invalid_transition`` before any change."""
         target = next_state(vnic.state, event)
         if target is None:
@@ -230,7 +230,6 @@ class NveCore:
                 vnic=vnic.name,
                 state=str(vnic.state),
             )
-        del now_ns
         return target
 
     # ------------------------------------------------------------ tag scopes
@@ -286,8 +285,12 @@ class NveCore:
         space = self.tag_spaces.get(scope) or TagSpace(scope)
         needed = [vn for vn in vns if vn not in space.tag_of]
         if len(space.vn_of) + len(needed) > space.max_tag:
-            space.peek("\0exhausted")  # raises with the standard message
-            raise AssertionError("unreachable")
+            raise Exhausted(
+                ErrorCode.TAGS_EXHAUSTED,
+                f"port {scope} has {space.max_tag - len(space.vn_of)} free 802.1Q tags, "
+                f"{len(needed)} needed",
+                port=scope,
+            )
 
     # --------------------------------------------------------- authorization
 
@@ -323,7 +326,7 @@ class NveCore:
         vnic = self.vnics.get(msg.vnic)
         if vnic is not None:
             self._check_owner(vnic, msg.sender)
-            self._transition(vnic, "vn_connect", now_ns)
+            self._transition(vnic, "vn_connect")
             if vnic.port != msg.port:
                 raise Conflict(
                     ErrorCode.PORT_MISMATCH,
@@ -577,12 +580,12 @@ class NveCore:
         if vnic is None:
             return Outcome(None, ())  # already gone
         self._check_owner(vnic, msg.sender)
-        self._transition(vnic, "vnic_disassociate", 0)
+        self._transition(vnic, "vnic_disassociate")
         return Outcome(None, tuple(self._remove_vnic(vnic)))
 
     def _shutdown(self, msg: VnicShutdown, now_ns: int) -> Outcome:
         vnic = self._owned_vnic(msg.vnic, msg.sender)
-        target = self._transition(vnic, "vnic_shutdown", now_ns)
+        target = self._transition(vnic, "vnic_shutdown")
         effects = self._unpublish(vnic) if vnic.published else []
         vnic.state = target
         vnic.since_ns = now_ns
@@ -619,7 +622,7 @@ class NveCore:
 
     def _startup(self, msg: VnicStartup, now_ns: int) -> Outcome:
         vnic = self._owned_vnic(msg.vnic, msg.sender)
-        target = self._transition(vnic, "vnic_startup", now_ns)
+        target = self._transition(vnic, "vnic_startup")
         effects = [] if vnic.published else self._publish(vnic, msg.ts_ns)
         vnic.state = target
         vnic.since_ns = now_ns
@@ -634,7 +637,7 @@ class NveCore:
             self._count("late_departures")
             return Outcome(None, ())  # it already arrived on another port of this NVE
         vnic = self._owned_vnic(msg.vnic, msg.sender)
-        target = self._transition(vnic, "vnic_depart", now_ns)
+        target = self._transition(vnic, "vnic_depart")
         if vnic.state is not VnicState.DEPARTED:
             vnic.hold_until_ns = now_ns + self.timers.hold_ns
         vnic.state = target
@@ -687,7 +690,7 @@ class NveCore:
         now_ns: int,
     ) -> Outcome:
         """Same-NVE move announced ahead: hold tags on the new port, no IMA write."""
-        self._transition(vnic, "vnic_prepare", now_ns)
+        self._transition(vnic, "vnic_prepare")
         missing = [r.name for r, _ in specs if r.name not in vnic.vns]
         if missing:
             raise ProtocolError(
@@ -775,7 +778,7 @@ class NveCore:
         now_ns: int,
     ) -> Outcome:
         """The VNIC is already ours: an aborted migration or a same-NVE move [4.3]."""
-        target = self._transition(vnic, "vnic_arrive", now_ns)
+        target = self._transition(vnic, "vnic_arrive")
         self._authorize(vnic.name, msg.sender, [att.vn for att in vnic.vns.values()])
         for record, _ in specs:
             if record.name not in vnic.vns:
