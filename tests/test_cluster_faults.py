@@ -83,7 +83,7 @@ async def test_etcd_leader_kill_during_load_is_invisible_to_agents(
     assert cluster.etcd is not None
     leader = next(m for m in cluster.etcd.members if m.is_leader())
     work = asyncio.create_task(load(hv1, a, 60, 0))
-    await asyncio.sleep(0.05)
+    await cp.wait("nve1", lambda: len(cp.nves["nve1"].core.local_bindings()) >= 20)
     leader.kill()  # mid-load: no agent request may fail because of it
     await work  # raises if any request got an error reply or went unanswered
     await asyncio.to_thread(leader.restart)
@@ -102,7 +102,7 @@ async def test_nats_server_kill_loses_no_event(cluster: LocalServers, cp: Slice)
     url = cp.nves["nve1"].nc.connected_url
     victim = next(m for m in cluster.nats.members if m.port == url.port)
     work = asyncio.create_task(load(hv1, a, 40, 0))
-    await asyncio.sleep(0.05)
+    await cp.wait("nve1", lambda: len(cp.nves["nve1"].core.local_bindings()) >= 20)
     victim.kill()
     await work
     await asyncio.to_thread(victim.restart)
