@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
-# The long fault-injection run (>= 50 rounds, ~10 min); results go to docs/reliability.md.
+# The long fault-injection run (50 rounds, ~5 min here); results go to docs/reliability.md.
 chaos: $(STAMP)
 	$(BIN)/nvo3 chaos --rounds 50 --seed 1 --json chaos-results.json
 

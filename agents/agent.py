@@ -13,7 +13,8 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 from typing import Any
 
 from nats.aio.client import Client as Nats
@@ -84,6 +85,7 @@ class HypervisorAgent:
         self.routes = dict(routes or {})
         self.vnic_nves: dict[str, set[str]] = {}
         self.unsynced: set[str] = set()  # NVEs that missed a request: resync when back
+        self._prepared: dict[str, tuple[VnAddresses, ...]] = {}  # pre-arrival announcements
         self.resend_extra: Callable[[], int] | None = None  # chaos: duplicate publishes
         self.nc = nc
         self.subjects = subjects or Subjects()
@@ -193,6 +195,62 @@ class HypervisorAgent:
             vnic, vn, entries, lambda: self.desired.associate(vnic, vn, entries),
             AddrAssociate(vnic=vnic, vn=vn, entries=entries, **self._envelope()))
 
+    async def associate_many(
+        self,
+        items: Iterable[tuple[str, VnRef, tuple[AddressEntry, ...]]],
+        *,
+        window: int = 64,
+        max_entries: int = 256,
+    ) -> list[OkReply | AgentError]:
+        """Associate many addresses: coalesced per (VNIC, VN) and pipelined [4.2].
+
+        The entries of each (VNIC, VN) are merged (one entry per MAC, its IPs united)
+        into ``addr_associate`` messages of at most ``max_entries`` entries, and up to
+        ``window`` of them are in flight at once.  A hypervisor that has many
+        addresses to announce (boot, a host full of containers) so pays the per-message
+        costs (NATS round trip, decode, IMA transaction share) per batch, not per
+        address, and does not wait for one reply before sending the next request.
+        Returns one reply per message sent, in order; a refusal is returned as its
+        ``AgentError`` and does not stop the others.
+        """
+        if window < 1 or max_entries < 1:
+            raise ValueError("window and max_entries must be >= 1")
+        groups: dict[tuple[str, VnRef], dict[str, dict[str, None]]] = {}
+        for vnic, vn, entries in items:
+            macs = groups.setdefault((vnic, vn), {})
+            for entry in entries:
+                macs.setdefault(entry.mac, {}).update(dict.fromkeys(entry.ips))
+        messages: list[tuple[str, VnRef, tuple[AddressEntry, ...]]] = []
+        for (vnic, vn), macs in groups.items():
+            merged = [AddressEntry(mac=mac, ips=tuple(ips)) for mac, ips in macs.items()]
+            messages.extend((vnic, vn, tuple(merged[i : i + max_entries]))
+                            for i in range(0, len(merged), max_entries))
+        return await self._pipelined([partial(self.associate, *m) for m in messages], window)
+
+    @staticmethod
+    async def _pipelined(
+        calls: list[Callable[[], Awaitable[OkReply]]], window: int
+    ) -> list[OkReply | AgentError]:
+        """Run ``calls`` with at most ``window`` in flight; results in call order."""
+        results: list[OkReply | AgentError | None] = [None] * len(calls)
+        pending = iter(enumerate(calls))
+
+        async def worker() -> None:
+            for i, call in pending:
+                try:
+                    results[i] = await call()
+                except AgentError as exc:
+                    results[i] = exc
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(min(window, len(calls)))]
+        try:
+            await asyncio.gather(*workers)  # NveUnreachable etc. propagate as they are
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        return [r for r in results if r is not None]
+
     async def disassociate(
         self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]
     ) -> OkReply:
@@ -248,6 +306,7 @@ class HypervisorAgent:
         reply = await self.send(
             VnicPrepare(vnic=vnic, port=port, vns=vns, **self._envelope()), nve)
         self.vnic_nves.setdefault(vnic, set()).add(nve)
+        self._prepared[vnic] = vns  # what the VNIC will hold here once it arrives
         return reply
 
     async def arrive(
@@ -259,7 +318,8 @@ class HypervisorAgent:
                                 target)
         self.vnic_nves.setdefault(vnic, set()).add(target)
         known = {r.vn_name: r for r in reply.results}
-        self.desired.arrive(vnic, port, vns or tuple(
+        prepared = self._prepared.pop(vnic, ())
+        self.desired.arrive(vnic, port, vns or prepared or tuple(
             VnAddresses(vn=VnRef(name=name)) for name in known))
         for name, result in known.items():
             self.tags[(vnic, name)] = result

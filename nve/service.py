@@ -304,6 +304,8 @@ class NveService:
                 reason=f"lost to another NVE in the IMA: {', '.join(report.lost)}",
                 details={"keys": ",".join(report.lost)})
         elif report.frozen:
+            for key in report.frozen:  # not ours in the IMA: do not pretend locally
+                self._lost(key)
             failure = ErrorReply(
                 seq=reply.seq, code=ErrorCode.ADDRESS_FROZEN,
                 reason="; ".join(f"{k}: {why}" for k, why in report.frozen.items()),

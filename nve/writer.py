@@ -106,6 +106,7 @@ class ImaWriter:
     policy: MobilityPolicy = field(default_factory=MobilityPolicy)
     max_batch_ops: int = 4096
     queue_size: int = 10_000
+    max_txns_in_flight: int = 8  # transactions of one batch sent to etcd together
     owned: dict[str, int] = field(default_factory=dict)  # key -> mod revision we wrote
     lease_id: int = 0  # every binding carries the NVE's lease: it dies with the NVE
     _queue: asyncio.Queue[_Pending] = field(init=False)
@@ -157,16 +158,20 @@ class ImaWriter:
                 item = self._queue.get_nowait()
                 batch.append(item)
                 size += len(item.ops)
+            self.counters["ima_batches"] += 1
+            self.counters["ima_batched_requests"] += len(batch)
             merged: dict[str, WriteOp] = {}
-            sources: dict[str, list[_Pending]] = {}
             for item in batch:
                 for op in item.ops:
                     merged.pop(op.key, None)  # re-insert so order follows the last write
                     merged[op.key] = op
-                    sources.setdefault(op.key, []).append(item)
             report = await self._retrying(list(merged.values()))
+            clean = WriteReport(report.revision) if not (report.lost or report.frozen) else None
             for item in batch:
                 if item.done.done():
+                    continue
+                if clean is not None:  # nothing lost or frozen: one report fits everybody
+                    item.done.set_result(clean)
                     continue
                 mine = {op.key for op in item.ops}
                 item.done.set_result(
@@ -204,9 +209,29 @@ class ImaWriter:
             plan = self._plan(op, current, report)
             if plan is not None:
                 planned.append(plan)
-        for start in range(0, len(planned), MAX_TXN_OPS):
-            chunk = planned[start : start + MAX_TXN_OPS]
-            await self._commit_chunk(chunk, report)
+        chunks = [planned[i : i + MAX_TXN_OPS] for i in range(0, len(planned), MAX_TXN_OPS)]
+        if len(chunks) <= 1:
+            for chunk in chunks:
+                await self._commit_chunk(chunk, report)
+            return report
+        # The chunks of one batch write disjoint keys (merged above), so their order does
+        # not matter and they go to etcd together: etcd commits concurrent transactions in
+        # one raft round and fsync, where one after the other each pays its own.
+        gate = asyncio.Semaphore(self.max_txns_in_flight)
+
+        async def one(chunk: list[_Planned]) -> None:
+            async with gate:
+                await self._commit_chunk(chunk, report)
+
+        tasks = [asyncio.ensure_future(one(chunk)) for chunk in chunks]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            # On a failure (retried by the caller with a fresh plan) nothing of this
+            # attempt may still be running.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         return report
 
     def _plan(

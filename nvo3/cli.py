@@ -85,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     lst = vn.add_parser("list", help="list VNs")
     _endpoint_args(lst)
     lst.add_argument("--json", action="store_true")
+    profile = vn.add_parser("profile", help="VN profile: ACLs and QoS [4.5]")
+    profile_sub = profile.add_subparsers(dest="profile_action", required=True)
+    profile_set = profile_sub.add_parser("set", help="set a VN's profile from a JSON/YAML file")
+    _endpoint_args(profile_set)
+    profile_set.add_argument("ref", help="VN alias, name or id")
+    profile_set.add_argument("--file", required=True, type=Path)
+    profile_set.add_argument("--json", action="store_true")
+    profile_show = profile_sub.add_parser("show", help="show a VN's profile")
+    _endpoint_args(profile_show)
+    profile_show.add_argument("ref")
+    profile_show.add_argument("--json", action="store_true")
     show = vn.add_parser("show", help="show one VN by alias, name or id")
     _endpoint_args(show)
     show.add_argument("ref")
@@ -127,11 +138,44 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
+def _vn_ref(text: str) -> Any:
+    from schemas.messages import VnRef
+
+    if text.isdigit():
+        return VnRef(id=int(text))
+    if len(text) == 36 and text.count("-") == 4:
+        return VnRef(name=text)
+    return VnRef(alias=text)
+
+
+async def _profile(client: Any, args: argparse.Namespace) -> int:
+    import yaml
+
+    from schemas.profile import VnProfile
+
+    if args.profile_action == "set":
+        data = yaml.safe_load(args.file.read_text())
+        reply = await client.set_profile(_vn_ref(args.ref), VnProfile.model_validate(data))
+    else:
+        reply = await client.get_profile(_vn_ref(args.ref))
+    if args.json:
+        _print_json(reply.model_dump(mode="json"))
+    elif reply.profile is None:
+        print(f"VN {reply.vn}: no profile")
+    else:
+        p = reply.profile
+        print(f"VN {reply.vn} profile (revision {p.revision}): qos "
+              f"{p.qos.model_dump(exclude_none=True)}")
+        for rule in p.acl:
+            print("  acl " + " ".join(f"{k}={v}" for k, v in
+                                      rule.model_dump(exclude_none=True).items()))
+    return EXIT_OK
+
+
 async def _vn_command(args: argparse.Namespace) -> int:
     from ima.client import ImaClient
     from nvo3.connect import connect_nats
     from nvo3.render import vn_table
-    from schemas.messages import VnRef
 
     ep = _endpoints(args)
     nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False)
@@ -147,15 +191,10 @@ async def _vn_command(args: argparse.Namespace) -> int:
             vns = [reply.vn]
         elif args.action == "list":
             vns = await client.list()
+        elif args.action == "profile":
+            return await _profile(client, args)
         else:
-            ref: VnRef
-            if args.ref.isdigit():
-                ref = VnRef(id=int(args.ref))
-            elif len(args.ref) == 36 and args.ref.count("-") == 4:
-                ref = VnRef(name=args.ref)
-            else:
-                ref = VnRef(alias=args.ref)
-            vns = [await client.get(ref)]
+            vns = [await client.get(_vn_ref(args.ref))]
         if args.json:
             _print_json([v.model_dump(mode="json") for v in vns])
         else:

@@ -23,9 +23,11 @@ import orjson
 
 from agents.agent import AgentError, HypervisorAgent
 from agents.inventory import Inventory, VnicSpec, VnicVn
+from agents.service import AgentService
 from ima.client import ImaClient
 from ima.service import ImaService
 from nve.service import NveConfig, NveService
+from nvo3.check import gather_and_check
 from nvo3.connect import Endpoints, connect_nats, open_store
 from nvo3.render import nve_tables, vn_table
 from nvo3.servers import LocalServers, find_binary
@@ -86,6 +88,7 @@ class DemoResult:
     ima_keys: int = 0
     refused: list[str] = field(default_factory=list)
     same_nve_writes: int = -1
+    check: tuple[int, int, int] = (-1, -1, -1)
     cross_nve_claims: int = -1
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -152,6 +155,9 @@ async def run_scenario(ep: Endpoints, out: TextIO, hold: bool = False) -> DemoRe
             for inv in demo_inventories():
                 agent = HypervisorAgent(inv.hypervisor, inv.nve, await nats_conn(inv.hypervisor),
                                         subjects=ep.subjects)
+                sidecar = AgentService(agent)  # resyncs NVE restarts, answers `nvo3 check`
+                services.append(tg.create_task(sidecar.run(), name=f"agent-{inv.hypervisor}"))
+                await sidecar.ready.wait()
                 agents[inv.hypervisor] = agent
                 await agent.apply_inventory(inv)
                 result.vnics += len(inv.vnics)
@@ -191,7 +197,9 @@ async def run_scenario(ep: Endpoints, out: TextIO, hold: bool = False) -> DemoRe
             nve1, nve2 = nves["nve1"], nves["nve2"]
             writes = _writes(nve1)
             db1 = _vnic("db-1")
-            await agents["hv1"].prepare(db1, "eth0", (VnAddresses(vn=VnRef(alias="blue")),))
+            db1_entries = (AddressEntry(mac="02:00:00:00:02:01", ips=("10.1.0.12",)),)
+            await agents["hv1"].prepare(db1, "eth0", (VnAddresses(vn=VnRef(alias="blue"),
+                                                                  entries=db1_entries),))
             await agents["hv1"].arrive(db1, "eth0")
             await agents["hv2"].depart(db1)  # the source's departure, after the move
             result.same_nve_writes = _writes(nve1) - writes
@@ -219,7 +227,17 @@ async def run_scenario(ep: Endpoints, out: TextIO, hold: bool = False) -> DemoRe
                 say(nve_tables(snap))
                 say()
 
-            say("== 7. The IMA in etcd (etcdctl get --prefix " + ep.key_root + " --keys-only)")
+            say("== 7. Consistency check (`nvo3 check`): agents' intent vs NVE tables vs IMA")
+            for n in nves.values():
+                await n.writer.flush()
+            report = await gather_and_check(client.nc, stores[0], ep)
+            result.check = (len(report.lost), len(report.stale), len(report.wrong_vni))
+            say(f"   lost={result.check[0]} stale={result.check[1]} "
+                f"wrong_vni={result.check[2]}")
+            for line in (report.lost + report.stale + report.wrong_vni)[:10]:
+                say("   " + line)
+
+            say("\n== 8. The IMA in etcd (etcdctl get --prefix " + ep.key_root + " --keys-only)")
             keys = _etcdctl_keys(ep)
             result.ima_keys = len(keys)
             for key in keys:
@@ -227,7 +245,8 @@ async def run_scenario(ep: Endpoints, out: TextIO, hold: bool = False) -> DemoRe
             say(f"demo ok: {result.vns} VNs, {result.agents} agents, {result.vnics} VNICs, "
                 f"{result.ima_keys} IMA keys, refused: {','.join(result.refused)}; "
                 f"migrations: same-NVE {result.same_nve_writes} IMA writes, "
-                f"cross-NVE {result.cross_nve_claims} claims")
+                f"cross-NVE {result.cross_nve_claims} claims; check lost={result.check[0]} "
+                f"stale={result.check[1]}")
             if hold:
                 await _hold(ep, out)
             for task in services:

@@ -535,6 +535,10 @@ class NatsServer:
 
         text = render_nats_config(
             self.credentials,
+            server_name=self.name,
+            port=self.port,
+            monitor_port=self.monitor_port,
+            store_dir=self.data_dir / "js",
             cluster_name=self.cluster_name,
             cluster_port=self.cluster_port,
             routes=self.routes,
@@ -555,6 +559,9 @@ class NatsServer:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def argv(self) -> list[str]:
+        if self.credentials is not None:
+            # Secure mode: everything is in the file, because a reload re-reads only it.
+            return [find_binary("nats-server"), "-c", str(self.config_path), *self.extra_args]
         args = [
             find_binary("nats-server"),
             "-a", HOST,
@@ -564,10 +571,7 @@ class NatsServer:
             "-js",
             "-sd", str(self.data_dir / "js"),
         ]  # fmt: skip
-        if self.credentials is not None:
-            # Cluster, TLS and users live in the file: route TLS/auth have no flags.
-            args += ["-c", str(self.config_path)]
-        elif self.cluster_name:
+        if self.cluster_name:
             args += ["--cluster_name", self.cluster_name, "--cluster", self.cluster_url]
             if self.routes:
                 args += ["--routes", ",".join(self.routes)]
@@ -835,6 +839,7 @@ class NatsCluster(_ClusterBase):
         *,
         extra_args: Sequence[str] = (),
         ready_timeout: float = NATS_READY_TIMEOUT,
+        credentials: Credentials | None = None,
     ) -> None:
         super().__init__(n, workdir, "nvo3-nats-")
         self.ready_timeout = ready_timeout
@@ -845,6 +850,7 @@ class NatsCluster(_ClusterBase):
                 cluster_name=self.token if n > 1 else None,
                 extra_args=extra_args,
                 ready_timeout=ready_timeout,
+                credentials=credentials,
             )
             for i in range(n)
         ]
@@ -859,6 +865,11 @@ class NatsCluster(_ClusterBase):
 
     def start(self) -> None:
         _start_fresh(self.members, self._wire, self.ready_timeout, f"NATS cluster {self.token}")
+
+    def reload(self) -> None:
+        """Secure mode: apply changed credentials on every member (SIGHUP)."""
+        for member in self.members:
+            member.reload()
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         _stop_all(self.members, timeout)
@@ -875,9 +886,11 @@ class EtcdCluster(_ClusterBase):
         *,
         extra_args: Sequence[str] = (),
         ready_timeout: float = ETCD_READY_TIMEOUT,
+        credentials: Credentials | None = None,
     ) -> None:
         super().__init__(n, workdir, "nvo3-etcd-")
         self.ready_timeout = ready_timeout
+        self.credentials = credentials
         self.members = [
             EtcdServer(
                 self.workdir,
@@ -885,6 +898,7 @@ class EtcdCluster(_ClusterBase):
                 cluster_token=self.token,
                 extra_args=extra_args,
                 ready_timeout=ready_timeout,
+                credentials=credentials,
             )
             for i in range(n)
         ]
@@ -898,8 +912,23 @@ class EtcdCluster(_ClusterBase):
         for member in self.members:
             member.initial_cluster = initial
 
+    @property
+    def urls(self) -> list[str]:
+        """``scheme://host:port`` client URLs, the form etcdctl's ``--endpoints`` wants."""
+        return [m.client_url for m in self.members]
+
     def start(self) -> None:
         _start_fresh(self.members, self._wire, self.ready_timeout, f"etcd cluster {self.token}")
+        if self.credentials is not None:
+            # Before anybody else connects: until `auth enable` a valid certificate
+            # could do anything.
+            from nvo3.security import bootstrap_etcd_rbac, run_sync
+
+            try:
+                run_sync(bootstrap_etcd_rbac(self.endpoints, self.credentials))
+            except BaseException:
+                _stop_all(self.members)
+                raise
 
     def stop_waves(self) -> list[list[EtcdServer]]:
         """Followers together, then the leader.
@@ -922,6 +951,12 @@ class LocalServers:
 
     Stop is idempotent and also wired to atexit and SIGTERM, because the servers live in
     their own session and would otherwise outlive a crashed or killed test run or demo.
+
+    ``secure`` turns on transport security (``nvo3/security.py``, docs/security.md):
+    given :class:`~nvo3.security.Credentials` they are used as they are; given a
+    :class:`~nvo3.security.SecureSpec` they are generated at start into ``workdir/pki``
+    (and removed with it). Either way ``credentials`` holds them while running. The
+    default (``None``) is the plain, unauthenticated stack.
     """
 
     def __init__(
@@ -931,11 +966,14 @@ class LocalServers:
         *,
         nats_args: Sequence[str] = (),
         etcd_args: Sequence[str] = (),
+        secure: Credentials | SecureSpec | None = None,
     ) -> None:
         self.nats_members = nats_members
         self.etcd_members = etcd_members
         self.nats_args = list(nats_args)
         self.etcd_args = list(etcd_args)
+        self.secure = secure
+        self.credentials: Credentials | None = None
         self.nats: NatsCluster | None = None
         self.etcd: EtcdCluster | None = None
         self._workdir: Path | None = None
@@ -957,6 +995,11 @@ class LocalServers:
     @property
     def etcd_endpoints(self) -> list[str]:
         return self._require_running()[1].endpoints
+
+    @property
+    def etcd_urls(self) -> list[str]:
+        """With scheme (``https://`` when secure), for etcdctl ``--endpoints``."""
+        return self._require_running()[1].urls
 
     @property
     def workdir(self) -> Path:
@@ -982,18 +1025,40 @@ class LocalServers:
         # Registered before anything is spawned, so a SIGTERM mid-start still cleans up.
         _track_stack(self)
         try:
+            creds = self._credentials(self._workdir)
             self.nats = NatsCluster(
-                self.nats_members, self._workdir / "nats", extra_args=self.nats_args
+                self.nats_members,
+                self._workdir / "nats",
+                extra_args=self.nats_args,
+                credentials=creds,
             )
             self.nats.start()
             self.etcd = EtcdCluster(
-                self.etcd_members, self._workdir / "etcd", extra_args=self.etcd_args
+                self.etcd_members,
+                self._workdir / "etcd",
+                extra_args=self.etcd_args,
+                credentials=creds,
             )
             self.etcd.start()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _credentials(self, workdir: Path) -> Credentials | None:
+        from nvo3.security import Credentials
+
+        if self.secure is None:
+            self.credentials = None
+        elif isinstance(self.secure, Credentials):
+            self.credentials = self.secure
+        else:
+            self.credentials = self.secure.build(workdir / "pki")
+        return self.credentials
+
+    def reload_nats(self) -> None:
+        """Secure mode: re-render every nats-server's users and SIGHUP it (rotation)."""
+        self._require_running()[0].reload()
 
     def stop(self) -> None:
         """Safe to call any number of times, including re-entrantly from the SIGTERM hook."""

@@ -98,3 +98,23 @@ async def test_placement_and_membership_from_the_cli(cp: Slice) -> None:
     assert rc == 2
     assert b"invalid input" in err
     assert b"not a UUID" in err
+
+
+async def test_vn_profile_set_and_show(cp: Slice, tmp_path: object) -> None:
+    import pathlib
+
+    rc, _, err = await nvo3(cp, "vn", "create", "blue")
+    assert rc == 0, err
+    path = pathlib.Path(str(tmp_path)) / "profile.yaml"
+    path.write_text("acl:\n  - {action: deny, protocol: tcp, dst_port: 23}\n"
+                    "qos: {rate_mbps: 100, dscp: 10}\n")
+    rc, out, err = await nvo3(cp, "vn", "profile", "set", "blue", "--file", str(path), "--json")
+    assert rc == 0, err
+    assert orjson.loads(out)["profile"]["qos"]["rate_mbps"] == 100
+    rc, out, _ = await nvo3(cp, "vn", "profile", "show", "blue")
+    assert rc == 0
+    assert b"dst_port=23" in out
+    path.write_text("qos: {rate_mbps: 0}\n")
+    rc, _, err = await nvo3(cp, "vn", "profile", "set", "blue", "--file", str(path))
+    assert rc == 2
+    assert b"invalid input" in err

@@ -19,5 +19,6 @@ def test_demo_runs_twice_and_cleans_up() -> None:
         assert "demo ok: 2 VNs, 4 agents, 6 VNICs" in text
         assert "refused: mac_conflict,ip_required" in text
         assert "migrations: same-NVE 0 IMA writes, cross-NVE 2 claims" in text
+        assert "check lost=0 stale=0" in text
         assert "/nvo3/vn/name/" in text
         assert "/nvo3/map/" in text

@@ -1,0 +1,577 @@
+"""Transport security against real servers: identities, TLS, NATS permissions, etcd RBAC.
+
+One secured stack per module (``LocalServers(secure=SecureSpec(...))``): nats-server with
+TLS (client certificates required) and one NKey user per identity with subject
+permissions; etcd with client TLS, CN-based users and RBAC. Every refusal below comes
+from the servers themselves, not from our code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import ssl
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client as Nats
+
+from agents.agent import HypervisorAgent
+from ima.client import ImaClient
+from ima.service import QUEUE_GROUP, ImaService
+from ima.store import EtcdStore, StoreError, StoreUnavailable, TlsConfig
+from nve.service import NveConfig, NveService
+from nvo3.connect import Endpoints, connect_nats, open_store
+from nvo3.pki import client_context
+from nvo3.security import (
+    IMA_QUEUE,
+    Credentials,
+    SecureSpec,
+    hv_identity,
+    inbox_prefix,
+    secure_stack,
+)
+from nvo3.servers import LocalServers, find_binary
+from schemas.messages import AddressEntry, VnRef
+
+pytestmark = pytest.mark.integration
+
+HYPERVISORS = {"hv1": ["nve1"], "hv2": ["nve1"], "hv3": ["nve2"], "hvr": ["nve1"]}
+NVES = ["nve1", "nve2"]
+SHORT = 0.5
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[LocalServers]:
+    with LocalServers(secure=SecureSpec(HYPERVISORS, NVES)) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def creds(secured: LocalServers) -> Credentials:
+    assert secured.credentials is not None
+    return secured.credentials
+
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory: pytest.TempPathFactory) -> Credentials:
+    """A second, unrelated stack's credentials: same names, another CA, other NKeys."""
+    return secure_stack(tmp_path_factory.mktemp("foreign-pki"), HYPERVISORS, NVES)
+
+
+class Client:
+    """A NATS connection as one identity, recording the server's async errors."""
+
+    def __init__(self, nc: Nats, errors: list[Exception]) -> None:
+        self.nc = nc
+        self.errors = errors
+
+    def violations(self) -> list[str]:
+        return [str(e) for e in self.errors if "permissions violation" in str(e).lower()]
+
+
+class Clients:
+    def __init__(self, stack: LocalServers) -> None:
+        self.stack = stack
+        self.open: list[Nats] = []
+
+    async def __call__(self, name: str) -> Client:
+        assert self.stack.credentials is not None
+        errors: list[Exception] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(exc)
+
+        nc = await connect_nats(
+            self.stack.nats_urls,
+            name,
+            persistent=False,
+            identity=self.stack.credentials.identity(name),
+            error_cb=on_error,
+        )
+        self.open.append(nc)
+        return Client(nc, errors)
+
+
+@pytest.fixture
+async def connect(secured: LocalServers) -> AsyncIterator[Clients]:
+    clients = Clients(secured)
+    try:
+        yield clients
+    finally:
+        for nc in clients.open:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+async def _quiet(exc: Exception) -> None:
+    """nats-py's default error callback logs a traceback for every refused attempt."""
+
+
+async def settle(nc: Nats) -> None:
+    """Wait until the server has answered everything sent so far.
+
+    The server answers in order (a violation's -ERR comes before the PONG), but
+    nats-py writes flush()'s PING straight to the socket, ahead of publishes still in
+    its pending buffer. After one round trip the buffer has been written, so the
+    second PONG comes after any -ERR.
+    """
+    await nc.flush(timeout=2)
+    await nc.flush(timeout=2)
+
+
+# ------------------------------------------------------------------ NATS: request path
+
+
+async def test_agent_reaches_its_nve_and_gets_the_reply(connect: Clients) -> None:
+    nve = await connect("nve:nve1")
+    seen: list[str] = []
+
+    async def respond(msg: Any) -> None:
+        seen.append(msg.subject)
+        await msg.respond(b"ok")
+
+    await nve.nc.subscribe("nvo3.v1.nve.nve1.hv.*.*", cb=respond)
+    await settle(nve.nc)
+    hv1 = await connect("hv:hv1")
+    reply = await hv1.nc.request("nvo3.v1.nve.nve1.hv.hv1.vn_connect", b"{}", timeout=2)
+    assert reply.data == b"ok"
+    assert reply.subject.startswith(inbox_prefix(hv_identity("hv1")) + ".")
+    assert seen == ["nvo3.v1.nve.nve1.hv.hv1.vn_connect"]
+    assert hv1.errors == []
+    assert nve.errors == []
+
+
+@pytest.mark.parametrize(
+    ("subject", "why"),
+    [
+        ("nvo3.v1.nve.nve1.hv.hv2.vn_connect", "as another hypervisor of the same NVE"),
+        ("nvo3.v1.nve.nve2.hv.hv1.vn_connect", "to an NVE it is not assigned to"),
+        ("nvo3.v1.nve.nve2.hv.hv3.addr_associate", "as a hypervisor of another NVE"),
+    ],
+)
+async def test_agent_cannot_speak_for_others(connect: Clients, subject: str, why: str) -> None:
+    nve1, nve2 = await connect("nve:nve1"), await connect("nve:nve2")
+    delivered: list[str] = []
+
+    async def record(msg: Any) -> None:
+        delivered.append(msg.subject)
+        await msg.respond(b"should never be sent")
+
+    for nve, nid in ((nve1, "nve1"), (nve2, "nve2")):
+        await nve.nc.subscribe(f"nvo3.v1.nve.{nid}.hv.*.*", cb=record)
+        await settle(nve.nc)
+    hv1 = await connect("hv:hv1")
+    with pytest.raises(nats.errors.TimeoutError):
+        await hv1.nc.request(subject, b"{}", timeout=SHORT)
+    assert hv1.violations() == [f'nats: permissions violation for publish to "{subject}"'], why
+    assert delivered == [], why
+
+
+async def test_agent_cannot_read_another_agents_replies(connect: Clients) -> None:
+    nve = await connect("nve:nve1")
+
+    async def respond(msg: Any) -> None:
+        await msg.respond(b"secret")
+
+    await nve.nc.subscribe("nvo3.v1.nve.nve1.hv.*.*", cb=respond)
+    await settle(nve.nc)
+    hv1 = await connect("hv:hv1")
+    snooped: list[bytes] = []
+
+    async def snoop(msg: Any) -> None:
+        snooped.append(msg.data)
+
+    for subject in (f"{inbox_prefix(hv_identity('hv2'))}.>", "_INBOX.>", ">",
+                    "nvo3.v1.nve.nve1.hv.*.*"):
+        await hv1.nc.subscribe(subject, cb=snoop)
+    await settle(hv1.nc)
+    hv2 = await connect("hv:hv2")
+    reply = await hv2.nc.request("nvo3.v1.nve.nve1.hv.hv2.vn_connect", b"{}", timeout=2)
+    assert reply.data == b"secret"
+    await asyncio.sleep(0.1)
+    assert snooped == []
+    assert len(hv1.violations()) == 4
+    assert all("subscription" in v for v in hv1.violations())
+
+
+# A matrix of (identity, pub|sub, subject, allowed): every role's allow list and
+# what lies just outside it.
+MATRIX = [
+    ("hv:hv1", "pub", "nvo3.v1.nve.nve1.hv.hv1.addr_associate", True),
+    ("hv:hv1", "pub", "nvo3.v1.nve.nve1.hv.hv1.vn_connect.extra", False),
+    ("hv:hv1", "pub", "nvo3.v1.nve.nve1.epoch", False),  # a fake epoch would force resyncs
+    ("hv:hv1", "pub", "nvo3.v1.nve.nve1.dp.observed", False),  # a fake gleaned address
+    ("hv:hv1", "pub", "nvo3.v1.nve.nve1.ctl.tables", False),
+    ("hv:hv1", "pub", "nvo3.v1.ima.vn.placement_set", False),  # placing its own VNICs
+    ("hv:hv1", "pub", "nvo3.v1.agent.hv2.state", False),
+    ("hv:hv1", "pub", "$JS.API.INFO", False),
+    ("hv:hv1", "sub", "_INBOX_hv_hv1.>", True),
+    ("hv:hv1", "sub", "nvo3.v1.nve.nve1.epoch", True),
+    ("hv:hv1", "sub", "nvo3.v1.agent.hv1.state", True),
+    ("hv:hv1", "sub", "nvo3.v1.nve.nve2.epoch", False),
+    ("hv:hv1", "sub", "nvo3.v1.agent.hv2.state", False),
+    ("hv:hv1", "sub", "nvo3.v1.ima.>", False),
+    ("hv:hv1", "sub", "$SYS.>", False),
+    ("nve:nve1", "sub", "nvo3.v1.nve.nve1.hv.*.*", True),
+    ("nve:nve1", "sub", "nvo3.v1.nve.nve1.ctl.tables", True),
+    ("nve:nve1", "sub", "nvo3.v1.nve.nve2.hv.*.*", False),
+    ("nve:nve1", "sub", "_INBOX_hv_hv1.>", False),
+    ("nve:nve1", "pub", "nvo3.v1.nve.nve1.epoch", True),
+    ("nve:nve1", "pub", "nvo3.v1.nve.nve2.epoch", False),
+    ("nve:nve1", "pub", "nvo3.v1.nve.nve2.hv.hv3.vn_connect", False),
+    ("nve:nve1", "pub", "_INBOX_hv_hv1.abc.def", False),  # only replies it was asked for
+    ("nve:nve1", "pub", "nvo3.v1.ima.vn.create", False),
+    ("ima", "sub", "nvo3.v1.ima.vn.create", True),
+    ("ima", "sub", "nvo3.v1.nve.>", False),
+    ("ima", "pub", "nvo3.v1.nve.nve1.hv.hv1.vn_connect", False),
+    ("ima", "pub", "nvo3.v1.nve.nve1.epoch", False),
+    ("op", "pub", "nvo3.v1.ima.vn.create", True),
+    ("op", "pub", "nvo3.v1.ima.vn.placement_set", True),
+    ("op", "pub", "nvo3.v1.nve.nve1.ctl.tables", True),
+    ("op", "pub", "nvo3.v1.agent.hv1.state", True),
+    ("op", "pub", "nvo3.v1.nve.nve1.hv.hv1.vn_connect", False),
+    ("op", "pub", "nvo3.v1.nve.nve1.dp.observed", False),
+    ("op", "pub", "nvo3.v1.nve.nve1.epoch", False),
+    ("op", "sub", "_INBOX_op.>", True),
+    ("op", "sub", "nvo3.v1.nve.nve1.hv.*.*", False),
+    ("op", "sub", "_INBOX_hv_hv1.>", False),
+]
+
+
+@pytest.mark.parametrize(("name", "action", "subject", "allowed"), MATRIX)
+async def test_permission_matrix(
+    connect: Clients, name: str, action: str, subject: str, allowed: bool
+) -> None:
+    client = await connect(name)
+    if action == "pub":
+        await client.nc.publish(subject, b"{}")
+    else:
+        await client.nc.subscribe(subject)
+    await settle(client.nc)
+    assert (client.violations() == []) is allowed, client.violations()
+
+
+async def test_ima_queue_group_is_allowed(connect: Clients) -> None:
+    assert QUEUE_GROUP == IMA_QUEUE
+    ima = await connect("ima")
+    await ima.nc.subscribe("nvo3.v1.ima.vn.get", queue=QUEUE_GROUP)
+    await settle(ima.nc)
+    assert ima.errors == []
+
+
+# ------------------------------------------------------------------ NATS: who may connect
+
+
+async def _connect_raw(urls: list[str], **options: Any) -> None:
+    nc = Nats()
+    try:
+        await nc.connect(
+            servers=urls,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            connect_timeout=2,
+            error_cb=_quiet,
+            **options,
+        )
+    finally:
+        # Also after a refusal: nats-py leaves the socket open when it gives up.
+        await nc.close()
+
+
+async def _refused(urls: list[str], **options: Any) -> BaseException:
+    """The error of a connection attempt the server refuses.
+
+    After an ``-ERR 'Authorization Violation'`` the server closes the socket; nats-py
+    then surfaces either that error or the broken pipe of its next write, whichever
+    it meets first.
+    """
+    with pytest.raises((OSError, nats.errors.Error)) as refused:
+        await _connect_raw(urls, **options)
+    exc = refused.value
+    assert "Authorization Violation" in str(exc) or isinstance(exc, OSError), exc
+    return exc
+
+
+def _bad_clients(creds: Credentials, foreign: Credentials) -> dict[str, dict[str, Any]]:
+    hv1, other = creds.agent("hv1"), foreign.agent("hv1")
+    return {
+        # nats-py falls back to the system trust store, which does not know our CA.
+        "no TLS settings": {"nkeys_seed_str": hv1.nkey_seed},
+        "trusts another CA": {"tls": other.nats_tls(), "nkeys_seed_str": hv1.nkey_seed},
+        "cert from another CA": {
+            "tls": client_context(creds.ca_file, other.cert_file, other.key_file),
+            "nkeys_seed_str": hv1.nkey_seed,
+        },
+        "no client cert": {"tls": client_context(creds.ca_file), "nkeys_seed_str": hv1.nkey_seed},
+        "no NKey": {"tls": hv1.nats_tls()},
+        "another stack's NKey": {"tls": hv1.nats_tls(), "nkeys_seed_str": other.nkey_seed},
+        "certificate without a NATS user": {"tls": creds.identity("inspector").nats_tls()},
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no TLS settings",
+        "trusts another CA",
+        "cert from another CA",
+        "no client cert",
+        "no NKey",
+        "another stack's NKey",
+        "certificate without a NATS user",
+    ],
+)
+async def test_nats_refuses_unauthenticated_clients(
+    secured: LocalServers, creds: Credentials, foreign: Credentials, case: str
+) -> None:
+    options = _bad_clients(creds, foreign)[case]
+    await _refused(secured.nats_urls, **options)
+
+
+async def test_nats_refuses_plaintext(secured: LocalServers) -> None:
+    host, port = secured.nats_urls[0].removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        info = await reader.readline()
+        assert b'"tls_required":true' in info
+        assert b'"tls_verify":true' in info
+        writer.write(b'CONNECT {"verbose":false}\r\nPING\r\n')
+        await writer.drain()
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        assert b"PONG" not in answer  # the server hangs up instead of talking in clear
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def test_rotation_and_removal_take_effect_at_reload(
+    secured: LocalServers, creds: Credentials
+) -> None:
+    name = hv_identity("hvr")
+    old_seed = creds.identity(name).nkey_seed
+    assert old_seed is not None
+    dropped = asyncio.Event()
+
+    async def on_disconnect() -> None:
+        dropped.set()
+
+    live = await nats.connect(
+        servers=secured.nats_urls, tls=creds.identity(name).nats_tls(),
+        nkeys_seed_str=old_seed, allow_reconnect=False, error_cb=_quiet,
+        disconnected_cb=on_disconnect,
+    )
+    try:
+        new = creds.rotate(name)
+        assert new.nkey_seed != old_seed
+        secured.reload_nats()
+        async with asyncio.timeout(5):
+            await dropped.wait()  # the server drops sessions of a replaced key at once
+        await _refused(secured.nats_urls, tls=new.nats_tls(), nkeys_seed_str=old_seed)
+        await _connect_raw(secured.nats_urls, tls=new.nats_tls(), nkeys_seed_str=new.nkey_seed)
+
+        tls, new_seed = new.nats_tls(), new.nkey_seed
+        creds.remove(name)
+        secured.reload_nats()
+        async with asyncio.timeout(5):
+            while True:  # the reload is asynchronous: poll until the key is gone
+                try:
+                    await _connect_raw(secured.nats_urls, tls=tls, nkeys_seed_str=new_seed)
+                except (OSError, nats.errors.Error):
+                    break
+                await asyncio.sleep(0.05)
+        await _refused(secured.nats_urls, tls=tls, nkeys_seed_str=new_seed)
+    finally:
+        await live.close()
+
+
+# ------------------------------------------------------------------ etcd: RBAC
+
+
+def _key(area: str) -> str:
+    return f"/nvo3/{area}/t-{secrets.token_hex(4)}"
+
+
+ETCD_MATRIX = [
+    ("ima", "write", "vn/name", True),
+    ("ima", "write", "placement", True),
+    ("ima", "write", "map/x/mac", False),  # bindings are written by NVEs only
+    ("ima", "write", "nve/nve1", False),
+    ("ima", "read", "map", True),
+    ("nve:nve1", "write", "map/x/mac", True),
+    ("nve:nve1", "write", "nve/nve1", True),
+    ("nve:nve1", "read", "vn/name", True),
+    ("nve:nve1", "read", "placement", True),
+    ("nve:nve1", "write", "vn/name", False),
+    ("nve:nve1", "write", "vn/profile", False),
+    ("nve:nve1", "write", "placement", False),
+    ("nve:nve1", "write", "nve/nve2", False),  # another NVE's liveness key
+    ("nve:nve1", "read", "other", False),
+    ("inspector", "read", "vn/name", True),
+    ("inspector", "read", "map/x/mac", True),
+    ("inspector", "write", "map/x/mac", False),
+    ("inspector", "write", "vn/name", False),
+    ("op", "read", "nve", True),
+    ("op", "write", "vn/name", False),
+    ("hv:hv1", "read", "vn/name", False),  # hypervisors never talk to etcd
+]
+
+
+@pytest.mark.parametrize(("name", "action", "area", "allowed"), ETCD_MATRIX)
+async def test_etcd_rbac_matrix(
+    secured: LocalServers, creds: Credentials, name: str, action: str, area: str, allowed: bool
+) -> None:
+    # nve/nve1 and nve/nve2 are exact keys in the per-NVE roles; others get a suffix.
+    key = f"/nvo3/{area}" if area.startswith("nve/") else _key(area)
+    store = EtcdStore(secured.etcd_endpoints, tls=creds.identity(name).etcd_tls(), timeout=2)
+    try:
+        if name.startswith("hv:"):
+            with pytest.raises(StoreError, match="permission denied"):
+                await store.connect()
+            return
+        await store.connect()
+
+        async def attempt() -> None:
+            if action == "write":
+                await store.put(key, b"x")
+                await store.delete(key)
+            else:
+                await store.get_prefix(key)
+
+        if allowed:
+            await attempt()
+        else:
+            with pytest.raises(StoreError, match="permission denied"):
+                await attempt()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("case", ["plaintext", "no client cert", "cert from another CA"])
+async def test_etcd_refuses_clients_without_our_client_cert(
+    secured: LocalServers, creds: Credentials, foreign: Credentials, case: str
+) -> None:
+    ours = creds.ca_file.read_bytes()
+    other = foreign.identity("ima")
+    tls: TlsConfig | None = {
+        "plaintext": None,
+        "no client cert": TlsConfig(ca_cert=ours, server_name="localhost"),
+        "cert from another CA": TlsConfig(
+            ca_cert=ours,
+            cert_chain=other.cert_file.read_bytes(),
+            key=other.key_file.read_bytes(),
+            server_name="localhost",
+        ),
+    }[case]
+    store = EtcdStore(secured.etcd_endpoints, tls=tls, timeout=SHORT)
+    with pytest.raises(StoreUnavailable):
+        await store.connect()
+
+
+def test_inspector_etcdctl_reads_but_cannot_write(
+    secured: LocalServers, creds: Credentials
+) -> None:
+    """The command line docs/security.md shows."""
+    base = [find_binary("etcdctl"), f"--endpoints={','.join(secured.etcd_urls)}",
+            *creds.etcdctl_flags("inspector")]
+    read = subprocess.run([*base, "get", "--prefix", "/nvo3/", "--keys-only"],
+                          capture_output=True, text=True, timeout=30)
+    assert read.returncode == 0, read.stderr
+    write = subprocess.run([*base, "put", "/nvo3/vn/name/evil", "x"],
+                           capture_output=True, text=True, timeout=30)
+    assert write.returncode != 0
+    assert "permission denied" in write.stderr
+    plain = subprocess.run(
+        [find_binary("etcdctl"), f"--endpoints={','.join(secured.etcd_urls)}",
+         "--dial-timeout=1s", "--command-timeout=2s", "get", "--prefix", "/nvo3/"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert plain.returncode != 0
+
+
+def test_keys_are_private_and_outside_the_repository(creds: Credentials) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    assert repo not in creds.workdir.resolve().parents
+    for ident in creds.identities.values():
+        for secret in (ident.key_file, ident.nkey_seed_file):
+            if secret is not None:
+                assert secret.stat().st_mode & 0o077 == 0, secret
+    assert creds.ca_key_file.stat().st_mode & 0o077 == 0
+
+
+# ------------------------------------------------------------------ the real services
+
+
+async def test_real_services_work_with_least_privilege(
+    secured: LocalServers, creds: Credentials
+) -> None:
+    """IMA, an NVE, an agent and the operator, each as itself: a VN is created, a VNIC
+    connects, its address is registered in etcd, and the operator reads the tables."""
+    ep = Endpoints(nats=tuple(secured.nats_urls), etcd=tuple(secured.etcd_endpoints),
+                   credentials=creds)
+    conns: list[Nats] = []
+    stores: list[EtcdStore] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def nats_as(name: str) -> Nats:
+        nc = await connect_nats(ep.nats, name, identity=ep.identity(name), error_cb=_quiet)
+        conns.append(nc)
+        return nc
+
+    async def store_as(name: str) -> EtcdStore:
+        store = await open_store(ep.etcd, identity=ep.identity(name))
+        stores.append(store)
+        return store
+
+    try:
+        ima = ImaService(await nats_as("ima"), await store_as("ima"), layout=ep.layout,
+                         subjects=ep.subjects)
+        nve = NveService(NveConfig("nve1", "192.0.2.1"), await nats_as("nve:nve1"),
+                         await store_as("nve:nve1"), layout=ep.layout, subjects=ep.subjects)
+        tasks += [asyncio.create_task(ima.run()), asyncio.create_task(nve.run())]
+        async with asyncio.timeout(10):
+            await ima.ready.wait()
+            await nve.ready.wait()
+        alias = f"sec{secrets.token_hex(3)}"
+        op = ImaClient(await nats_as("op"), ep.subjects)
+        vn = (await op.create(alias, service="l2")).vn
+        agent = HypervisorAgent("hv1", "nve1", await nats_as("hv:hv1"), subjects=ep.subjects)
+        vnic = str(uuid.uuid4())
+        await agent.connect(vnic, "eth0", VnRef(alias=alias))
+        reply = await agent.associate(vnic, VnRef(alias=alias),
+                                      (AddressEntry(mac="02:00:00:5e:c0:01"),))
+        assert reply.ima_ops == 1
+        inspector = await store_as("inspector")
+        binding = await inspector.get(ep.layout.mac(vn.name, "02:00:00:5e:c0:01"))
+        assert binding is not None
+        assert b"nve1" in binding.value
+        tables = await op.nc.request(ep.subjects.nve_tables("nve1"), b"{}", timeout=5)
+        assert vnic.encode() in tables.data
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for nc in conns:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        for store in stores:
+            with contextlib.suppress(Exception):
+                await store.close()
+
+
+def test_tls_context_trusts_only_our_ca(creds: Credentials) -> None:
+    ctx = creds.agent("hv1").nats_tls()
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+    assert ctx.check_hostname
+    assert len(ctx.get_ca_certs()) == 1
