@@ -128,6 +128,11 @@ class HypervisorAgent:
                 for _ in range(self.resend_extra()):  # replays: must change nothing
                     await self.nc.request(subject, payload, timeout=self.timeout)
             if isinstance(reply, ErrorReply):
+                if reply.code == ErrorCode.STALE_SEQ and attempt < self.attempts:
+                    # Overtaken by a newer request of ours: same content, new number.
+                    message = message.model_copy(update={"seq": next(self._seq)})
+                    payload = dumps(message)
+                    continue
                 raise AgentError(reply)
             return reply
         raise AssertionError("unreachable")

@@ -154,6 +154,7 @@ class NveCore:
         self.events: dict[str, int] = {}  # lifecycle/glean counters
         self._seen: dict[str, OrderedDict[int, tuple[HypervisorMessage, Outcome]]] = {}
         self._syncs: dict[str, tuple[int, set[str]]] = {}  # sender -> (sync id, vnics seen)
+        self._newest: dict[str, int] = {}  # sender -> newest applied seq (only grows)
 
     # ------------------------------------------------------------------ entry
 
@@ -178,7 +179,17 @@ class NveCore:
                     seq=str(msg.seq),
                 )
             return Outcome(old_outcome.result, (), True, old_outcome.results)
+        newest = self._newest.get(msg.sender, -1)
+        if msg.seq < newest:
+            # Delivered out of order: applying it now could undo a later request.
+            raise ProtocolError(
+                ErrorCode.STALE_SEQ,
+                f"sequence number {msg.seq} from {msg.sender} is older than {newest}, "
+                "already applied; resend with a new sequence number",
+                seq=str(msg.seq),
+            )
         outcome = self._dispatch(msg, vn, now_ns, vns or {})
+        self._newest[msg.sender] = msg.seq
         seen[msg.seq] = (msg, outcome)
         if len(seen) > REPLAY_WINDOW:
             seen.popitem(last=False)
@@ -388,7 +399,9 @@ class NveCore:
             effects.extend(self._drop_mac(vnic, att, mac, ips, withdraw=withdraw))
         self._release_tag(vnic.hypervisor, vnic.port, vn, vnic.name)
         if vnic.pending is not None and vn in vnic.pending.tags:
-            self._release_tag(vnic.pending.hypervisor, vnic.pending.port, vn, vnic.name)
+            del vnic.pending.tags[vn]
+            if not self._same_scope(vnic, vnic.pending.hypervisor, vnic.pending.port):
+                self._release_tag(vnic.pending.hypervisor, vnic.pending.port, vn, vnic.name)
         members = self.vn_members[vn]
         members.discard(vnic.name)
         if not members:
@@ -787,9 +800,11 @@ class NveCore:
                                     vnic=vnic.name)
         moving = (msg.sender, msg.port) != (vnic.hypervisor, vnic.port)
         pending = vnic.pending
-        if moving and not (pending and (pending.hypervisor, pending.port) ==
-                           (msg.sender, msg.port)):
-            self._peek_tags(msg.sender, msg.port, list(vnic.vns))
+        if pending is not None and (pending.hypervisor, pending.port) != (msg.sender, msg.port):
+            pending = None  # announced for elsewhere: not this arrival's
+        held = pending.tags if pending is not None else {}
+        if moving and not self._same_scope(vnic, msg.sender, msg.port):
+            self._peek_tags(msg.sender, msg.port, [vn for vn in vnic.vns if vn not in held])
         for record, spec in specs:
             self._validate_entries(vnic, record, spec.entries, set(vnic.vns[record.name].macs))
         # -- validated: mutate from here on
@@ -799,12 +814,13 @@ class NveCore:
             vnic.hypervisor, vnic.port = msg.sender, msg.port
             self._count("moves_same_nve")
         elif moving:
-            if pending and (pending.hypervisor, pending.port) == (msg.sender, msg.port):
-                vnic.pending = None
+            if pending is not None:
+                vnic.pending = None  # its tags are ours now
             else:
                 self._drop_pending(vnic)
-                space = self._space(msg.sender, msg.port)
-                for vn in vnic.vns:
+            space = self._space(msg.sender, msg.port)
+            for vn in vnic.vns:
+                if vn not in held:  # connected after the pre-arrival, or none was made
                     space.acquire(vn, vnic.name)
             for vn in vnic.vns:
                 self._release_tag(vnic.hypervisor, vnic.port, vn, vnic.name)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nats
 from nats.aio.client import Client as Nats
@@ -42,7 +42,7 @@ class Endpoints:
     key_root: str = DEFAULT_ROOT
     subject_root: str = DEFAULT_SUBJECT_ROOT
     #: None: the plain stack. Otherwise every connection needs an identity from here.
-    credentials: Credentials | None = None
+    credentials: Credentials | None = field(default=None, compare=False)
 
     @classmethod
     def from_env(

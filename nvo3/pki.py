@@ -61,12 +61,11 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nvo3"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
+    """``O=nvo3``, plus ``CN`` unless empty (etcd's HTTP gateway refuses a client CN)."""
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nvo3")]
+    if common_name:
+        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attributes)
 
 
 def _san(hosts: Sequence[str]) -> list[x509.GeneralName]:
@@ -214,6 +213,7 @@ class CertificateAuthority:
     def issue_client(
         self, common_name: str, *, validity: dt.timedelta = DEFAULT_VALIDITY
     ) -> Issued:
+        """``common_name`` "" gives a certificate without CN: no etcd user, gateway-safe."""
         return self._issue(common_name, [ExtendedKeyUsageOID.CLIENT_AUTH], (), validity)
 
 

@@ -46,6 +46,7 @@ from nvo3.pki import CertificateAuthority, client_context, write_public, write_s
 from schemas.subjects import DEFAULT_SUBJECT_ROOT, Subjects
 
 __all__ = [
+    "AGENT_REPLY_PREFIX",
     "IMA_QUEUE",
     "ROLE_HV",
     "ROLE_IMA",
@@ -98,6 +99,12 @@ def hv_identity(hv: str) -> str:
 
 def nve_identity(nve: str) -> str:
     return f"{ROLE_NVE}:{nve}"
+
+
+#: For ``NveConfig.reply_prefix``: an NVE answers only into the sender's own inbox, so
+#: a hypervisor cannot aim the NVE's reply (which nats-server lets through by
+#: ``allow_responses``) at another client's inbox or at any other subject.
+AGENT_REPLY_PREFIX = "_INBOX_hv_{hv}."
 
 
 def inbox_prefix(name: str) -> str:
@@ -358,12 +365,13 @@ class Identity:
         return [f"--cacert={self.ca_file}", f"--cert={self.cert_file}", f"--key={self.key_file}"]
 
     def to_json(self) -> dict[str, Any]:
+        """File names only: the directory can be moved or mounted elsewhere."""
         return {
             "name": self.name,
             "role": self.role,
-            "cert_file": str(self.cert_file),
-            "key_file": str(self.key_file),
-            "nkey_seed_file": None if self.nkey_seed_file is None else str(self.nkey_seed_file),
+            "cert_file": self.cert_file.name,
+            "key_file": self.key_file.name,
+            "nkey_seed_file": None if self.nkey_seed_file is None else self.nkey_seed_file.name,
             "nkey_public": self.nkey_public,
             "inbox_prefix": self.inbox_prefix,
             "nats": None
@@ -377,16 +385,16 @@ class Identity:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], ca_file: Path) -> Identity:
+    def from_json(cls, data: Mapping[str, Any], workdir: Path) -> Identity:
         nats = data.get("nats")
         seed = data.get("nkey_seed_file")
         return cls(
             name=data["name"],
             role=data["role"],
-            ca_file=ca_file,
-            cert_file=Path(data["cert_file"]),
-            key_file=Path(data["key_file"]),
-            nkey_seed_file=None if seed is None else Path(seed),
+            ca_file=workdir / "ca.pem",
+            cert_file=workdir / data["cert_file"],
+            key_file=workdir / data["key_file"],
+            nkey_seed_file=None if seed is None else workdir / seed,
             nkey_public=data.get("nkey_public"),
             inbox_prefix=data.get("inbox_prefix"),
             nats=None
@@ -454,6 +462,14 @@ class Credentials:
         return self.workdir / "server-key.pem"
 
     @property
+    def probe_cert_file(self) -> Path:
+        return self.workdir / "probe.pem"
+
+    @property
+    def probe_key_file(self) -> Path:
+        return self.workdir / "probe-key.pem"
+
+    @property
     def route_auth_file(self) -> Path:
         return self.workdir / "nats-route.json"
 
@@ -480,9 +496,14 @@ class Credentials:
     def nve(self, nve: str) -> Identity:
         return self.identity(nve_identity(nve))
 
-    def server_context(self) -> ssl.SSLContext:
-        """A client context with the *server* certificate, for the launcher's own probes."""
-        return client_context(self.ca_file, self.server_cert_file, self.server_key_file)
+    def probe_context(self) -> ssl.SSLContext:
+        """For the launcher's own HTTP probes of etcd (health, member list, leader).
+
+        Its certificate has no CN: once auth is on, etcd's HTTP gateway answers 400 to
+        a client certificate with a CN (it cannot map it to a user), and without a CN it
+        is no RBAC user either.
+        """
+        return client_context(self.ca_file, self.probe_cert_file, self.probe_key_file)
 
     def etcdctl_flags(self, name: str = ROLE_INSPECTOR) -> list[str]:
         return self.identity(name).etcdctl_flags()
@@ -584,7 +605,7 @@ class Credentials:
             nves=tuple(data["nves"]),
         )
         for item in data["identities"]:
-            ident = Identity.from_json(item, creds.ca_file)
+            ident = Identity.from_json(item, path)
             creds.identities[ident.name] = ident
         return creds
 
@@ -630,6 +651,7 @@ def secure_stack(
     ca = CertificateAuthority.generate()
     ca.write(creds.ca_file, creds.ca_key_file)
     ca.issue_server(SERVER_CN).write(creds.server_cert_file, creds.server_key_file)
+    ca.issue_client("").write(creds.probe_cert_file, creds.probe_key_file)
     route = {"user": "nvo3-route", "password": secrets.token_urlsafe(24)}
     write_secret(creds.route_auth_file, json.dumps(route).encode())
     for hv in creds.hypervisors:

@@ -660,8 +660,8 @@ class EtcdServer:
         self.extra_args = list(extra_args)
         self.ready_timeout = ready_timeout
         self.credentials = credentials
-        # The launcher's probes present the server certificate (its CN is no etcd user).
-        self._probe_context = credentials.server_context() if credentials is not None else None
+        # The launcher's probes present a certificate without CN (see probe_context).
+        self._probe_context = credentials.probe_context() if credentials is not None else None
         self.client_port = 0
         self.peer_port = 0
         self.initial_cluster = ""

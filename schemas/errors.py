@@ -17,6 +17,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_KIND = "unknown_kind"
     SENDER_MISMATCH = "sender_mismatch"  # payload sender differs from the subject
     SEQ_CONFLICT = "seq_conflict"  # same (sender, seq) with different content
+    STALE_SEQ = "stale_seq"  # older than the sender's newest applied request: reordered
     UNKNOWN_VN = "unknown_vn"
     VN_EXISTS = "vn_exists"  # create with a name/alias/id already bound differently
     UNKNOWN_VNIC = "unknown_vnic"

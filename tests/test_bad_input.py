@@ -52,8 +52,11 @@ def _entry(mac: str, *ips: str) -> Any:
     return AddressEntry(mac=mac, ips=ips)
 
 
+SEQ = 2**62  # above the agent's wall-clock-based numbers: never "stale"
+
+
 def _msg(kind: str, **fields: Any) -> dict[str, Any]:
-    return {"v": 1, "kind": kind, "sender": "hv1", "seq": fields.pop("seq", 7), **fields}
+    return {"v": 1, "kind": kind, "sender": "hv1", "seq": fields.pop("seq", SEQ), **fields}
 
 
 def _assoc(mac: str, vn: str = "blue", vnic: str = VNIC, **extra: Any) -> dict[str, Any]:
@@ -145,11 +148,11 @@ async def test_every_bad_input_gets_its_typed_error_and_changes_nothing(cp: Slic
 
 async def test_same_seq_with_different_content_is_refused(cp: Slice) -> None:
     first = await _request(cp, "hv1", "addr_associate",
-                           orjson.dumps(_assoc("02:00:00:00:00:0b", seq=99)))
+                           orjson.dumps(_assoc("02:00:00:00:00:0b", seq=SEQ + 99)))
     assert first["kind"] == "ok"
     keys = await cp.keys()
     second = await _request(cp, "hv1", "addr_associate",
-                            orjson.dumps(_assoc("02:00:00:00:00:0c", seq=99)))
+                            orjson.dumps(_assoc("02:00:00:00:00:0c", seq=SEQ + 99)))
     assert second["code"] == "seq_conflict"
     assert await cp.keys() == keys
 
@@ -180,3 +183,15 @@ async def test_ima_refuses_bad_vn_create(cp: Slice) -> None:
     ]:
         msg = await nc.request(cp.ep.subjects.ima("create"), payload, timeout=5)
         assert orjson.loads(msg.data)["code"] == code, payload
+
+
+async def test_a_request_older_than_the_newest_applied_is_refused(cp: Slice) -> None:
+    newer = await _request(cp, "hv1", "addr_associate",
+                           orjson.dumps(_assoc("02:00:00:00:00:0d", seq=SEQ + 200)))
+    assert newer["kind"] == "ok"
+    keys = await cp.keys()
+    older = await _request(cp, "hv1", "addr_disassociate", orjson.dumps(
+        _msg("addr_disassociate", vnic=VNIC, vn={"alias": "blue"},
+             entries=[{"mac": "02:00:00:00:00:0d"}], seq=SEQ + 150)))
+    assert older["code"] == "stale_seq"  # delivered late: must not undo the newer one
+    assert await cp.keys() == keys

@@ -347,7 +347,10 @@ def test_refused_message_is_not_remembered(core: NveCore, hv1: Hv) -> None:
     msg = hv1.assoc_msg(VNIC_A, L2, MAC1)
     refused(core, ErrorCode.UNKNOWN_VNIC, lambda: core.apply(msg, L2, 1))
     hv1.connect(VNIC_A, L2)
-    out = core.apply(msg, L2, 2)  # retried with the same seq: now it applies
+    # The same seq is now older than the connect that was applied after it: stale.
+    refused(core, ErrorCode.STALE_SEQ, lambda: core.apply(msg, L2, 2))
+    renumbered = msg.model_copy(update={"seq": hv1.assoc_msg(VNIC_A, L2, MAC1).seq})
+    out = core.apply(renumbered, L2, 3)  # the agent resends it with a new number
     assert not out.replayed
     assert keys(out.effects) == [("bind_mac", L2.name, MAC1)]
 

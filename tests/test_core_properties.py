@@ -1,9 +1,10 @@
 """NveCore under random protocol traffic: a stateful model check.
 
 The machine drives connect / disconnect / associate / disassociate /
-vnic_disassociate / shutdown / startup from three hypervisors over a small
-universe, replays earlier messages, reuses sequence numbers for different
-content and makes conflicting claims.  It keeps a model of the IMA fed only
+vnic_disassociate / shutdown / startup / depart / prepare / arrive (same-NVE
+migrations and aborted ones) / gleaning / timer expiry from three hypervisors
+over a small universe, replays earlier messages, reuses sequence numbers for
+different content and makes conflicting claims.  It keeps a model of the IMA fed only
 from the effects the core returns and checks, after every step, that the
 tables and that model agree with the draft's rules.
 """
@@ -32,10 +33,15 @@ from schemas.messages import (
     AddrAssociate,
     AddrDisassociate,
     AddressEntry,
+    AddrObserved,
     HypervisorMessage,
+    VnAddresses,
     VnConnect,
     VnDisconnect,
+    VnicArrive,
+    VnicDepart,
     VnicDisassociate,
+    VnicPrepare,
     VnicShutdown,
     VnicStartup,
     VnRef,
@@ -88,6 +94,7 @@ class Sent:
     msg: HypervisorMessage
     vn: VnRecord | None
     outcome: Outcome
+    vns: dict[VnRef, VnRecord] | None = None
 
 
 def _entries(specs: list[tuple[str, list[str]]]) -> tuple[AddressEntry, ...]:
@@ -104,6 +111,8 @@ class NveMachine(RuleBasedStateMachine):
         self.applied: list[Sent] = []
         self.remote_rev = 0
         self.last_refusal: ProtocolError | None = None
+        self.now = 0
+        self.accepted_seq = dict.fromkeys(HYPERVISORS, -1)
 
     # -------------------------------------------------------------- plumbing
 
@@ -157,13 +166,21 @@ class NveMachine(RuleBasedStateMachine):
                 )
                 for scope, s in core.tag_spaces.items()
             },
-            "since": {name: (v.up, v.since_ns) for name, v in core.vnics.items()},
+            "since": {name: (v.state, v.published, v.since_ns, v.hold_until_ns,
+                             v.hypervisor, v.port, v.pending)
+                      for name, v in core.vnics.items()},
         }
 
-    def send(self, msg: HypervisorMessage, vn: VnRecord | None) -> Outcome | None:
+    def send(
+        self,
+        msg: HypervisorMessage,
+        vn: VnRecord | None,
+        vns: dict[VnRef, VnRecord] | None = None,
+    ) -> Outcome | None:
         before = self.snapshot()
+        self.now += 1
         try:
-            outcome = self.core.apply(msg, vn, now_ns=len(self.applied) + 1)
+            outcome = self.core.apply(msg, vn, now_ns=self.now, vns=vns)
         except ProtocolError as exc:
             refusal: ProtocolError | None = exc
         else:
@@ -174,8 +191,11 @@ class NveMachine(RuleBasedStateMachine):
             self.last_refusal = refusal
             return None
         assert not outcome.replayed
+        # Sequence numbers the NVE accepts from one sender only grow.
+        assert msg.seq > self.accepted_seq[msg.sender]
+        self.accepted_seq[msg.sender] = msg.seq
         self.absorb(outcome)
-        self.applied.append(Sent(msg, vn, outcome))
+        self.applied.append(Sent(msg, vn, outcome, vns))
         if isinstance(msg, VnConnect):
             result = outcome.result
             assert result is not None
@@ -188,7 +208,7 @@ class NveMachine(RuleBasedStateMachine):
             )
             att = self.core.vnics[msg.vnic].vns[vn.name]
             assert result.tag == att.tag
-        else:
+        elif not isinstance(msg, (VnicPrepare, VnicArrive)):
             assert outcome.result is None
         return outcome
 
@@ -298,6 +318,7 @@ class NveMachine(RuleBasedStateMachine):
             (name, vn, vnic.hypervisor)
             for name, vnic in sorted(self.core.vnics.items())
             for vn in sorted(vnic.vns)
+            if vnic.state != "departed"  # a departing VNIC's addresses wait for its arrival
         ]
         if not attachments:
             return
@@ -413,7 +434,7 @@ class NveMachine(RuleBasedStateMachine):
         """The same (sender, seq, content) again: the remembered answer, no effects."""
         sent = data.draw(st.sampled_from(self.applied))
         before = self.snapshot()
-        outcome = self.core.apply(sent.msg, sent.vn, now_ns=10**9)
+        outcome = self.core.apply(sent.msg, sent.vn, now_ns=self.now, vns=sent.vns)
         assert outcome.replayed
         assert outcome.effects == ()
         assert outcome.result == sent.outcome.result
@@ -427,7 +448,7 @@ class NveMachine(RuleBasedStateMachine):
         other = sent.msg.model_copy(update={"ts_ns": sent.msg.ts_ns + 1})
         before = self.snapshot()
         with pytest.raises(ProtocolError) as info:
-            self.core.apply(other, sent.vn, now_ns=10**9)
+            self.core.apply(other, sent.vn, now_ns=self.now, vns=sent.vns)
         assert info.value.code == ErrorCode.SEQ_CONFLICT
         assert self.snapshot() == before
 
@@ -437,7 +458,85 @@ class NveMachine(RuleBasedStateMachine):
         """An earlier request, newly numbered: applied again against today's state."""
         sent = data.draw(st.sampled_from(self.applied))
         msg = sent.msg.model_copy(update={"seq": self.next_seq(sent.msg.sender)})
-        self.send(msg, sent.vn)
+        self.send(msg, sent.vn, sent.vns)
+
+    @rule(data=st.data())
+    def depart(self, data: st.DataObject) -> None:
+        vnic, sender = self.pick_vnic(data)
+        msg = VnicDepart(sender=sender, seq=self.next_seq(sender), vnic=vnic)
+        before = self.core.vnics.get(vnic)
+        published = before.published if before else False
+        if self.send(msg, None) is not None and vnic in self.core.vnics:
+            v = self.core.vnics[vnic]
+            if v.hypervisor == sender:
+                assert v.state == "departed"
+                assert v.published == published  # bindings held, not withdrawn [4.4]
+
+    def _mapping(self, vnic: str) -> dict[VnRef, VnRecord]:
+        v = self.core.vnics.get(vnic)
+        names = sorted(v.vns) if v else [VNS[0].name]
+        return {VnRef(name=n): VN_BY_NAME[n] for n in names}
+
+    @rule(data=st.data(), port=st.sampled_from(PORTS))
+    def prepare(self, data: st.DataObject, port: str) -> None:
+        """Pre-arrival on this same NVE (another hypervisor/port): no IMA write."""
+        vnic = data.draw(st.sampled_from(sorted(self.core.vnics) or VNICS), label="vnic")
+        sender = data.draw(st.sampled_from(HYPERVISORS), label="dest")
+        mapping = self._mapping(vnic)
+        msg = VnicPrepare(sender=sender, seq=self.next_seq(sender), vnic=vnic, port=port,
+                          vns=tuple(VnAddresses(vn=ref) for ref in mapping))
+        outcome = self.send(msg, None, mapping)
+        if outcome is not None:
+            assert not [e for e in outcome.effects if not isinstance(e, StartWatch)]
+
+    @rule(data=st.data(), port=st.sampled_from(PORTS))
+    def arrive(self, data: st.DataObject, port: str) -> None:
+        """Arrival of a known VNIC: a same-NVE move or an aborted migration [4.3]."""
+        vnic = data.draw(st.sampled_from(sorted(self.core.vnics) or VNICS), label="vnic")
+        existing = self.core.vnics.get(vnic)
+        sender = data.draw(st.sampled_from(HYPERVISORS), label="dest")
+        if existing is not None and data.draw(st.booleans(), label="back home"):
+            sender, port = existing.hypervisor, existing.port
+        published = existing.published if existing else False
+        msg = VnicArrive(sender=sender, seq=self.next_seq(sender), vnic=vnic, port=port)
+        outcome = self.send(msg, None, {})
+        if outcome is not None and published:
+            assert outcome.effects == ()  # the IMA is not touched by a local move
+        if outcome is not None:
+            v = self.core.vnics[vnic]
+            assert (v.hypervisor, v.port, v.state) == (sender, port, "up")
+
+    @rule(jump_s=st.integers(0, 400))
+    def tick(self, jump_s: int) -> None:
+        """Time passes: hold timers, pre-arrivals and gleaned addresses expire."""
+        self.now += jump_s * 10**9
+        self.absorb(Outcome(None, self.core.tick(self.now)))
+
+    @rule(data=st.data(), mac=st.sampled_from(MACS), ip=st.sampled_from((None, *IPS)))
+    def glean(self, data: st.DataObject, mac: str, ip: str | None) -> None:
+        """The data path saw a source address on a port/tag [4.2]."""
+        ups = [v for v in sorted(self.core.vnics.values(), key=lambda v: v.name)
+               if v.state == "up"]
+        if not ups:
+            return
+        vnic = data.draw(st.sampled_from(ups), label="vnic")
+        vn = data.draw(st.sampled_from(sorted(vnic.vns)), label="vn")
+        obs = AddrObserved(hypervisor=vnic.hypervisor, port=vnic.port,
+                           tag=vnic.vns[vn].tag, mac=mac, ip=ip)
+        before = self.snapshot()
+        self.now += 1
+        outcome: Outcome | None = None
+        refusal: ProtocolError | None = None
+        try:
+            outcome = self.core.observe(obs, self.now)
+        except ProtocolError as exc:
+            refusal = exc
+        if refusal is not None:
+            assert refusal.code != ErrorCode.INTERNAL, refusal.reason
+            assert self.snapshot() == before
+            return
+        assert outcome is not None
+        self.absorb(outcome)
 
     @rule(vn=st.sampled_from(VNS), mac=st.sampled_from(MACS), delete=st.booleans())
     def remote_event(self, vn: VnRecord, mac: str, delete: bool) -> None:
@@ -490,6 +589,11 @@ class NveMachine(RuleBasedStateMachine):
                 space = core.tag_spaces[scope]
                 assert space.tag_of[vn] == att.tag
                 assert space.vn_of[att.tag] == vn
+            if vnic.pending is not None:  # tags held ahead on the new port
+                pscope = core.scope_of(vnic.pending.hypervisor, vnic.pending.port)
+                for vn, tag in vnic.pending.tags.items():
+                    expected.setdefault(pscope, {}).setdefault(vn, set()).add(name)
+                    assert core.tag_spaces[pscope].tag_of[vn] == tag
         assert set(core.tag_spaces) == set(expected)
         for scope, space in core.tag_spaces.items():
             assert space.users == expected[scope]
@@ -516,9 +620,9 @@ class NveMachine(RuleBasedStateMachine):
             else:
                 assert isinstance(binding, IpBinding)
                 assert (binding.vnic, binding.mac) == core.ip_owner[(vn, addr)]
-            assert core.vnics[binding.vnic].up
+            assert core.vnics[binding.vnic].published
         for vnic in core.vnics.values():
-            if not vnic.up:
+            if not vnic.published:
                 assert not any(b.vnic == vnic.name for b in self.ima.values())
 
     @invariant()

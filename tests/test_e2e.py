@@ -162,7 +162,7 @@ async def test_agent_retransmission_is_applied_once(cp: Slice) -> None:
     await hv1.connect(vnic("a"), "eth0", BLUE)
     from schemas.messages import AddrAssociate
 
-    msg = AddrAssociate(sender="hv1", seq=10**9, vnic=vnic("a"), vn=BLUE,
+    msg = AddrAssociate(sender="hv1", seq=next(hv1._seq), vnic=vnic("a"), vn=BLUE,
                         entries=(AddressEntry(mac="02:00:00:00:00:01"),))
     first = await hv1.send(msg)
     again = await hv1.send(msg)

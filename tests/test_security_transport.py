@@ -31,6 +31,7 @@ from nve.service import NveConfig, NveService
 from nvo3.connect import Endpoints, connect_nats, open_store
 from nvo3.pki import client_context
 from nvo3.security import (
+    AGENT_REPLY_PREFIX,
     IMA_QUEUE,
     Credentials,
     SecureSpec,
@@ -39,7 +40,8 @@ from nvo3.security import (
     secure_stack,
 )
 from nvo3.servers import LocalServers, find_binary
-from schemas.messages import AddressEntry, VnRef
+from schemas.messages import AddressEntry, VnicShutdown, VnRef
+from schemas.wire import dumps
 
 pytestmark = pytest.mark.integration
 
@@ -281,9 +283,17 @@ async def _connect_raw(urls: list[str], **options: Any) -> None:
             error_cb=_quiet,
             **options,
         )
-    finally:
-        # Also after a refusal: nats-py leaves the socket open when it gives up.
-        await nc.close()
+    except BaseException:
+        # nats-py leaves the socket open when it gives up, and its close() can hang on
+        # a failed TLS upgrade; close the transport itself (else: ResourceWarning).
+        transport = nc._transport
+        if transport is not None:
+            transport.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(0.1):
+                    await transport.wait_closed()
+        raise
+    await nc.close()
 
 
 async def _refused(urls: list[str], **options: Any) -> BaseException:
@@ -492,7 +502,7 @@ def test_inspector_etcdctl_reads_but_cannot_write(
     assert "permission denied" in write.stderr
     plain = subprocess.run(
         [find_binary("etcdctl"), f"--endpoints={','.join(secured.etcd_urls)}",
-         "--dial-timeout=1s", "--command-timeout=2s", "get", "--prefix", "/nvo3/"],
+         "--dial-timeout=300ms", "--command-timeout=1s", "get", "--prefix", "/nvo3/"],
         capture_output=True, text=True, timeout=30,
     )
     assert plain.returncode != 0
@@ -535,8 +545,9 @@ async def test_real_services_work_with_least_privilege(
     try:
         ima = ImaService(await nats_as("ima"), await store_as("ima"), layout=ep.layout,
                          subjects=ep.subjects)
-        nve = NveService(NveConfig("nve1", "192.0.2.1"), await nats_as("nve:nve1"),
-                         await store_as("nve:nve1"), layout=ep.layout, subjects=ep.subjects)
+        config = NveConfig("nve1", "192.0.2.1", reply_prefix=AGENT_REPLY_PREFIX)
+        nve = NveService(config, await nats_as("nve:nve1"), await store_as("nve:nve1"),
+                         layout=ep.layout, subjects=ep.subjects)
         tasks += [asyncio.create_task(ima.run()), asyncio.create_task(nve.run())]
         async with asyncio.timeout(10):
             await ima.ready.wait()
@@ -556,6 +567,18 @@ async def test_real_services_work_with_least_privilege(
         assert b"nve1" in binding.value
         tables = await op.nc.request(ep.subjects.nve_tables("nve1"), b"{}", timeout=5)
         assert vnic.encode() in tables.data
+
+        # allow_responses lets the NVE publish to whatever reply subject a request names;
+        # with reply_prefix it only answers into the sender's own inbox.
+        hv2 = await nats_as("hv:hv2")
+        stolen = await hv2.subscribe(f"{inbox_prefix(hv_identity('hv2'))}.>")
+        await settle(hv2)
+        request = dumps(VnicShutdown(sender="hv1", seq=1, vnic=vnic))
+        await agent.nc.publish(ep.subjects.hv_request("nve1", "hv1", "vnic_shutdown"), request,
+                               reply=f"{inbox_prefix(hv_identity('hv2'))}.forged")
+        await settle(agent.nc)
+        with pytest.raises(nats.errors.TimeoutError):
+            await stolen.next_msg(timeout=0.3)
     finally:
         for task in tasks:
             task.cancel()
@@ -575,3 +598,52 @@ def test_tls_context_trusts_only_our_ca(creds: Credentials) -> None:
     assert ctx.verify_mode == ssl.CERT_REQUIRED
     assert ctx.check_hostname
     assert len(ctx.get_ca_certs()) == 1
+
+
+def test_secured_clusters_route_and_replicate() -> None:
+    """Three nats-servers (TLS + authenticated routes) and three etcd members (peer TLS,
+    peers limited to the server certificate's CN): requests cross routes, writes
+    replicate, and RBAC holds on every member."""
+    spec = SecureSpec({"hv1": ["nve1"]}, ["nve1"])
+
+    async def scenario(stack: LocalServers) -> None:
+        creds = stack.credentials
+        assert creds is not None
+        nve = await connect_nats(stack.nats_urls[2:], "nve1", identity=creds.nve("nve1"))
+        hv1 = await connect_nats(stack.nats_urls[:1], "hv1", identity=creds.agent("hv1"))
+        ima = await open_store(stack.etcd_endpoints[:1], identity=creds.identity("ima"))
+        nve_store = await open_store(stack.etcd_endpoints[1:2], identity=creds.nve("nve1"))
+        try:
+
+            async def respond(msg: Any) -> None:
+                await msg.respond(b"across the route")
+
+            await nve.subscribe("nvo3.v1.nve.nve1.hv.*.*", cb=respond)
+            await settle(nve)
+            async with asyncio.timeout(5):
+                while True:  # the subscription reaches the other servers a moment later
+                    try:
+                        reply = await hv1.request("nvo3.v1.nve.nve1.hv.hv1.vn_connect", b"{}",
+                                                  timeout=0.5)
+                        break
+                    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                        await asyncio.sleep(0.05)
+            assert reply.data == b"across the route"
+            key = _key("vn/name")
+            await ima.put(key, b"replicated")
+            found = await nve_store.get(key)
+            assert found is not None
+            assert found.value == b"replicated"
+            with pytest.raises(StoreError, match="permission denied"):
+                await nve_store.put(key, b"forged")
+        finally:
+            for store in (ima, nve_store):
+                await store.close()
+            for nc in (nve, hv1):
+                await nc.close()
+
+    with LocalServers(3, 3, secure=spec) as stack:
+        asyncio.run(scenario(stack))
+        assert stack.etcd is not None
+        # A member restarted after `auth enable` must pass the launcher's probes again.
+        stack.etcd.members[0].restart()
