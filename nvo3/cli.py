@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ def _endpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--etcd", help="etcd endpoints host:port, comma separated (env NVO3_ETCD)")
     p.add_argument("--key-root", help="etcd key root (default /nvo3/)")
     p.add_argument("--subject-root", help="NATS subject root (default nvo3)")
+    p.add_argument("--creds", help="credentials dir written by the secured stack (env NVO3_CREDS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the scripted demo on an embedded cluster")
     demo.add_argument("--hold", action="store_true", help="keep the cluster running after")
+    demo.add_argument("--insecure", action="store_true",
+                      help="no TLS, NKeys or etcd RBAC (debugging only)")
 
     ima = sub.add_parser("ima", help="the IMA process").add_subparsers(dest="action", required=True)
     _endpoint_args(ima.add_parser("run", help="serve the VN registry over NATS"))
@@ -131,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _endpoints(args: argparse.Namespace) -> Any:
     from nvo3.connect import Endpoints
 
-    return Endpoints.from_env(args.nats, args.etcd, args.key_root, args.subject_root)
+    return Endpoints.from_env(args.nats, args.etcd, args.key_root, args.subject_root,
+                              args.creds)
 
 
 def _print_json(obj: Any) -> None:
@@ -178,7 +183,7 @@ async def _vn_command(args: argparse.Namespace) -> int:
     from nvo3.render import vn_table
 
     ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False)
+    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False, identity=ep.identity("op"))
     try:
         client = ImaClient(nc, ep.subjects)
         if args.action == "create":
@@ -209,7 +214,7 @@ async def _tables_command(args: argparse.Namespace) -> int:
     from nvo3.render import nve_tables
 
     ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False)
+    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False, identity=ep.identity("op"))
     try:
         msg = await nc.request(ep.subjects.nve_tables(args.nve_id), b"{}", timeout=5)
         snapshot = orjson.loads(msg.data)
@@ -227,7 +232,7 @@ async def _placement_command(args: argparse.Namespace) -> int:
     from nvo3.connect import connect_nats
 
     ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False)
+    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False, identity=ep.identity("op"))
     try:
         reply = await ImaClient(nc, ep.subjects).place(args.vnic, args.hypervisor)
         print(f"VNIC {reply.placement.vnic} placed on {reply.placement.hypervisor} "
@@ -242,8 +247,8 @@ async def _check_command(args: argparse.Namespace) -> int:
     from nvo3.connect import connect_nats, open_store
 
     ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "nvo3-check", persistent=False)
-    store = await open_store(ep.etcd)
+    nc = await connect_nats(ep.nats, "nvo3-check", persistent=False, identity=ep.identity("op"))
+    store = await open_store(ep.etcd, identity=ep.identity("op"))
     try:
         agents = [a for a in (args.agents or "").split(",") if a]
         report = await gather_and_check(nc, store, ep, agents)
@@ -269,8 +274,8 @@ async def _run_ima(args: argparse.Namespace) -> int:
     from nvo3.connect import connect_nats, open_store
 
     ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "ima")
-    store = await open_store(ep.etcd)
+    nc = await connect_nats(ep.nats, "ima", identity=ep.identity("ima"))
+    store = await open_store(ep.etcd, identity=ep.identity("ima"))
     try:
         await ImaService(nc, store, layout=ep.layout, subjects=ep.subjects).run()
     finally:
@@ -284,11 +289,14 @@ async def _run_nve(args: argparse.Namespace) -> int:
     from nvo3.connect import connect_nats, open_store
 
     ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, args.id)
-    store = await open_store(ep.etcd)
+    nc = await connect_nats(ep.nats, args.id, identity=ep.identity(f"nve:{args.id}"))
+    store = await open_store(ep.etcd, identity=ep.identity(f"nve:{args.id}"))
     try:
+        from nvo3.security import AGENT_REPLY_PREFIX
+
         config = NveConfig(args.id, args.underlay, lease_ttl=args.lease_ttl,
-                           hold_s=args.hold_s, announce_s=args.announce_s)
+                           hold_s=args.hold_s, announce_s=args.announce_s,
+                           reply_prefix=AGENT_REPLY_PREFIX if ep.secure else None)
         service = NveService(config, nc, store, layout=ep.layout, subjects=ep.subjects)
         if args.metrics_port >= 0:
             from nvo3.metrics import serve_metrics
@@ -310,7 +318,8 @@ async def _run_agent(args: argparse.Namespace) -> int:
 
     ep = _endpoints(args)
     inventory = load_inventory(args.inventory)
-    nc = await connect_nats(ep.nats, inventory.hypervisor)
+    nc = await connect_nats(ep.nats, inventory.hypervisor,
+                            identity=ep.identity(f"hv:{inventory.hypervisor}"))
     try:
         routes = {f"alias={alias}": nve for alias, nve in inventory.routes.items()}
         agent = HypervisorAgent(inventory.hypervisor, inventory.nve, nc, subjects=ep.subjects,
@@ -359,10 +368,17 @@ def _run_async(factory: Callable[[], Awaitable[int]]) -> int:
         return EXIT_USAGE
     except BrokenPipeError:  # stdout closed early (`| head`): not an error of ours
         return EXIT_OK
-    except (NveUnreachable, NatsTimeout, NoRespondersError, NoServersError, StoreError,
-            OSError) as exc:
-        print(f"unreachable: {exc!r}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except Exception as exc:
+        text = str(exc).lower()
+        if "authorization" in text or "permission denied" in text or isinstance(
+                exc, ssl.SSLError):
+            print(f"refused: not_authorized: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+        if isinstance(exc, (NveUnreachable, NatsTimeout, NoRespondersError, NoServersError,
+                            StoreError, OSError)):
+            print(f"unreachable: {exc!r}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from nvo3 import demo
 
-            return demo.main(hold=args.hold)
+            return demo.main(hold=args.hold, insecure=args.insecure)
         if args.command == "schema":
             from schemas.export import export_schemas
 

@@ -30,6 +30,7 @@ from nve.service import NveConfig, NveService
 from nvo3.check import gather_and_check
 from nvo3.connect import Endpoints, connect_nats, open_store
 from nvo3.render import nve_tables, vn_table
+from nvo3.security import AGENT_REPLY_PREFIX, SecureSpec
 from nvo3.servers import LocalServers, find_binary
 from schemas.messages import AddressEntry, VnAddresses, VnRef
 
@@ -116,21 +117,24 @@ async def run_scenario(ep: Endpoints, out: TextIO, hold: bool = False) -> DemoRe
     connections = []
     stores = []
 
-    async def nats_conn(name: str) -> Any:
-        nc = await connect_nats(ep.nats, name)
+    # Secured by default: each process has its own NKey identity and TLS (draft 5).
+    async def nats_conn(name: str, identity: str) -> Any:
+        nc = await connect_nats(ep.nats, name, identity=ep.identity(identity))
         connections.append(nc)
         return nc
 
-    async def store() -> Any:
-        s = await open_store(ep.etcd)
+    async def store(identity: str) -> Any:
+        s = await open_store(ep.etcd, identity=ep.identity(identity))
         stores.append(s)
         return s
 
     try:
-        ima = ImaService(await nats_conn("ima"), await store(), layout=ep.layout,
+        ima = ImaService(await nats_conn("ima", "ima"), await store("ima"), layout=ep.layout,
                          subjects=ep.subjects)
         nves = {
-            nid: NveService(NveConfig(nid, underlay), await nats_conn(nid), await store(),
+            nid: NveService(NveConfig(nid, underlay,
+                                      reply_prefix=AGENT_REPLY_PREFIX if ep.secure else None),
+                            await nats_conn(nid, f"nve:{nid}"), await store(f"nve:{nid}"),
                             layout=ep.layout, subjects=ep.subjects)
             for nid, underlay in (("nve1", "192.0.2.1"), ("nve2", "192.0.2.2"))
         }
@@ -141,7 +145,7 @@ async def run_scenario(ep: Endpoints, out: TextIO, hold: bool = False) -> DemoRe
             for n in nves.values():
                 await n.ready.wait()
             say("== 1. IMA: create VNs (VN Name <-> VN ID <-> VNI, draft 2 and 4.1)")
-            client = ImaClient(await nats_conn("operator"), ep.subjects)
+            client = ImaClient(await nats_conn("operator", "op"), ep.subjects)
             blue = (await client.create("blue", service="l2")).vn
             red = (await client.create("red", service="l3")).vn
             again = await client.create("blue", service="l2")
@@ -153,7 +157,8 @@ async def run_scenario(ep: Endpoints, out: TextIO, hold: bool = False) -> DemoRe
             say("\n== 2. Agents connect VNICs and associate addresses (4.1, 4.2)")
             agents = {}
             for inv in demo_inventories():
-                agent = HypervisorAgent(inv.hypervisor, inv.nve, await nats_conn(inv.hypervisor),
+                nc = await nats_conn(inv.hypervisor, f"hv:{inv.hypervisor}")
+                agent = HypervisorAgent(inv.hypervisor, inv.nve, nc,
                                         subjects=ep.subjects)
                 sidecar = AgentService(agent)  # resyncs NVE restarts, answers `nvo3 check`
                 services.append(tg.create_task(sidecar.run(), name=f"agent-{inv.hypervisor}"))
@@ -266,30 +271,42 @@ async def _converge(nve: NveService, predicate: Callable[[], bool]) -> None:
         await nve.wait_until(predicate)
 
 
+def etcdctl_argv(ep: Endpoints) -> list[str]:
+    """etcdctl with the read-only ``inspector`` role when the stack is secured."""
+    if ep.credentials is None:
+        return [find_binary("etcdctl"), f"--endpoints={','.join(ep.etcd)}"]
+    return [find_binary("etcdctl"), "--endpoints=" + ",".join(f"https://{e}" for e in ep.etcd),
+            *ep.credentials.etcdctl_flags("inspector")]
+
+
 def _etcdctl_keys(ep: Endpoints) -> list[str]:
     proc = subprocess.run(
-        [find_binary("etcdctl"), f"--endpoints={','.join(ep.etcd)}", "get", "--prefix",
-         ep.key_root, "--keys-only"],
+        [*etcdctl_argv(ep), "get", "--prefix", ep.key_root, "--keys-only"],
         capture_output=True, text=True, check=True, timeout=30,
     )
     return [line for line in proc.stdout.splitlines() if line.strip()]
 
 
 async def _hold(ep: Endpoints, out: TextIO) -> None:
+    creds = "" if ep.credentials is None else f"NVO3_CREDS={ep.credentials.workdir} "
     print("\nCluster, IMA and NVEs kept running (Ctrl-C to stop). Try:\n"
-          f"  {find_binary('etcdctl')} --endpoints={','.join(ep.etcd)} get --prefix "
-          f"{ep.key_root}\n"
-          f"  NVO3_NATS={','.join(ep.nats)} nvo3 nve tables nve1\n", file=out, flush=True)
+          f"  {' '.join(etcdctl_argv(ep))} get --prefix {ep.key_root}\n"
+          f"  {creds}NVO3_NATS={','.join(ep.nats)} NVO3_ETCD={','.join(ep.etcd)} "
+          "nvo3 nve tables nve1\n", file=out, flush=True)
     await asyncio.Event().wait()
 
 
-def main(hold: bool = False, out: TextIO = sys.stdout) -> int:
-    servers = LocalServers()
+def main(hold: bool = False, out: TextIO = sys.stdout, insecure: bool = False) -> int:
+    spec = None if insecure else SecureSpec(
+        {inv.hypervisor: [inv.nve] for inv in demo_inventories()}, ["nve1", "nve2"])
+    servers = LocalServers(secure=spec)
     try:
         servers.start()
-        ep = Endpoints(nats=tuple(servers.nats_urls), etcd=tuple(servers.etcd_endpoints))
-        print(f"nats-server {ep.nats[0]}  etcd {ep.etcd[0]}  (data in {servers.workdir})",
-              file=out, flush=True)
+        ep = Endpoints(nats=tuple(servers.nats_urls), etcd=tuple(servers.etcd_endpoints),
+                       credentials=servers.credentials)
+        mode = "INSECURE (--insecure)" if insecure else "TLS + NKeys + etcd RBAC"
+        print(f"nats-server {ep.nats[0]}  etcd {ep.etcd[0]}  {mode}  "
+              f"(data in {servers.workdir})", file=out, flush=True)
         asyncio.run(run_scenario(ep, out, hold))
         return 0
     except KeyboardInterrupt:

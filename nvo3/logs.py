@@ -42,3 +42,6 @@ def configure(verbose: bool, json_logs: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if verbose else logging.WARNING)
+    # nats-py's TLS transport makes asyncio warn "returning true from eof_received()
+    # has no effect when using ssl" on every close: noise, not a problem of ours.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)

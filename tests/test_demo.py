@@ -12,10 +12,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_demo_runs_twice_and_cleans_up() -> None:
-    for _ in range(2):
+    for insecure in (False, True):  # secured by default; --insecure for debugging
         out = io.StringIO()
-        assert demo.main(out=out) == 0
+        assert demo.main(out=out, insecure=insecure) == 0
         text = out.getvalue()
+        assert ("INSECURE" in text) == insecure
+        assert ("TLS + NKeys + etcd RBAC" in text) != insecure
         assert "demo ok: 2 VNs, 4 agents, 6 VNICs" in text
         assert "refused: mac_conflict,ip_required" in text
         assert "migrations: same-NVE 0 IMA writes, cross-NVE 2 claims" in text
