@@ -17,8 +17,10 @@ from typing import Any
 import orjson
 
 from agents.agent import AgentError, HypervisorAgent, NveUnreachable
-from schemas.messages import EpochAnnounce, VnRef
-from schemas.wire import decode_model
+from schemas.errors import ErrorCode, ProtocolError
+from schemas.messages import EpochAnnounce, ErrorReply, OkReply, VnAddresses, VnRef
+from schemas.operator import AgentCommand
+from schemas.wire import decode_model, dumps
 
 _log = logging.getLogger(__name__)
 
@@ -35,17 +37,19 @@ class AgentService:
         agent = self.agent
         subs = [await agent.nc.subscribe(agent.subjects.nve_epoch(nve)) for nve in agent.nves()]
         state = await agent.nc.subscribe(agent.subjects.agent_state(agent.hypervisor))
+        ctl = await agent.nc.subscribe(agent.subjects.agent_ctl(agent.hypervisor))
         try:
             async with asyncio.TaskGroup() as tg:
                 for sub in subs:
                     tg.create_task(self._epochs(sub))
                 tg.create_task(self._answer_state(state))
+                tg.create_task(self._commands(ctl))
                 tg.create_task(self._syncer())
                 for nve in sorted(agent.nves()):
                     self._wanted.put_nowait(nve)  # agent (re)start: send our full state
                 self.ready.set()
         finally:
-            for sub in [*subs, state]:
+            for sub in [*subs, state, ctl]:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
@@ -82,6 +86,58 @@ class AgentService:
             self.synced[nve] = reply.epoch
             if reply.refused:
                 _log.warning("%s: %s refused %s", self.agent.hypervisor, nve, reply.refused)
+
+    async def _commands(self, sub: Any) -> None:
+        """Operator VNIC operations (``nvo3 agent ctl``): run them as this hypervisor."""
+        async for msg in sub.messages:
+            reply: Any
+            try:
+                reply = await self.execute(decode_model(msg.data, AgentCommand))
+                self.counters["commands"] += 1
+            except AgentError as exc:
+                reply = exc.reply
+            except ProtocolError as exc:
+                reply = ErrorReply(code=exc.code, reason=exc.reason)
+            except NveUnreachable as exc:
+                reply = ErrorReply(code=ErrorCode.NVE_UNREACHABLE,
+                                   reason=f"{exc} (kept; delivered by the next resync)")
+            if msg.reply:
+                await self.agent.nc.publish(msg.reply, dumps(reply))
+
+    async def execute(self, cmd: AgentCommand) -> Any:
+        agent, vnic = self.agent, cmd.vnic
+
+        def need_vn() -> VnRef:
+            if cmd.vn is None:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{cmd.op} needs a VN")
+            return cmd.vn
+
+        def need_port() -> str:
+            if cmd.port is None:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{cmd.op} needs a port")
+            return cmd.port
+
+        if cmd.op == "connect":
+            result = await agent.connect(vnic, need_port(), need_vn())
+            return OkReply(op="vn_connect", result=result)
+        if cmd.op == "disconnect":
+            return await agent.disconnect(vnic, need_vn())
+        if cmd.op == "associate":
+            return await agent.associate(vnic, need_vn(), cmd.entries)
+        if cmd.op == "disassociate":
+            return await agent.disassociate(vnic, need_vn(), cmd.entries)
+        if cmd.op == "shutdown":
+            return await agent.shutdown(vnic)
+        if cmd.op == "startup":
+            return await agent.startup(vnic)
+        if cmd.op == "remove":
+            return await agent.remove_vnic(vnic)
+        if cmd.op == "depart":
+            return await agent.depart(vnic)
+        vns = (VnAddresses(vn=need_vn(), entries=cmd.entries),) if cmd.vn else ()
+        if cmd.op == "prepare":
+            return await agent.prepare(vnic, need_port(), vns)
+        return await agent.arrive(vnic, need_port(), vns)
 
     async def _answer_state(self, sub: Any) -> None:
         async for msg in sub.messages:

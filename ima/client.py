@@ -17,6 +17,7 @@ from schemas.operator import (
     ProfileReply,
     ProfileSet,
     VnCreate,
+    VnDelete,
     VnGet,
     VnList,
     VnListReply,
@@ -84,6 +85,9 @@ class ImaClient:
 
     async def get_profile(self, ref: VnRef) -> ProfileReply:
         return ProfileReply.model_validate_json(await self._call("profile_get", ProfileGet(vn=ref)))
+
+    async def delete(self, ref: VnRef) -> VnRecord:
+        return VnReply.model_validate_json(await self._call("delete", VnDelete(vn=ref))).vn
 
     async def list(self) -> list[VnRecord]:
         return VnListReply.model_validate_json(await self._call("list", VnList())).vns

@@ -19,7 +19,7 @@ import uuid
 import orjson
 
 from ima.keys import KeyLayout
-from ima.store import EtcdStore, KeyMissing, Put
+from ima.store import Delete, EtcdStore, KeyMissing, Put
 from schemas.errors import Conflict, ErrorCode, Exhausted, UnknownVn
 from schemas.messages import ServiceType, VnRef
 from schemas.profile import VnProfile
@@ -134,6 +134,27 @@ class VnRegistry:
         raise Exhausted(
             ErrorCode.VNI_EXHAUSTED, f"no free VN context found after {MAX_ATTEMPTS} attempts"
         )
+
+    async def delete(self, ref: VnRef) -> VnRecord:
+        """Remove a VN from the registry; refused while any address is bound in it."""
+        record = await self.resolve(ref)
+        async for page in self._store.iter_prefix(self._keys.map_prefix(record.name),
+                                                  page_size=1):
+            if page.kvs:
+                raise Conflict(
+                    ErrorCode.VN_IN_USE,
+                    f"VN {record.alias} still has bindings (e.g. {page.kvs[0].key}); "
+                    "disconnect its VNICs first",
+                    vn=record.name,
+                )
+            break
+        keys = self._keys
+        await self._store.txn([], [
+            Delete(keys.vn_name(record.name)), Delete(keys.vn_alias(record.alias)),
+            Delete(keys.vn_id(record.vn_id)), Delete(keys.vn_vni(record.vni)),
+            Delete(keys.vn_profile(record.name)),
+        ])
+        return record
 
     async def set_profile(self, ref: VnRef, profile: VnProfile) -> VnProfile:
         """Store a VN's profile [4.5]; NVEs serving the VN see it through a watch."""

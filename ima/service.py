@@ -29,6 +29,7 @@ from schemas.operator import (
     ProfileReply,
     ProfileSet,
     VnCreate,
+    VnDelete,
     VnGet,
     VnList,
     VnListReply,
@@ -60,7 +61,8 @@ class ImaService:
     async def run(self) -> None:
         subs = [
             await self.nc.subscribe(self.subjects.ima(op), queue=QUEUE_GROUP)
-            for op in ("create", "get", "list", "profile_set", "profile_get", "placement_set")
+            for op in ("create", "get", "list", "delete", "profile_set", "profile_get",
+                       "placement_set")
         ]
         try:
             async with asyncio.TaskGroup() as tg:
@@ -108,6 +110,9 @@ class ImaService:
             record = await self.registry.resolve(ps.vn)
             profile = await self.registry.set_profile(ps.vn, ps.profile)
             return ProfileReply(vn=record.name, profile=profile)
+        if op == "delete":
+            deleted = decode_model(data, VnDelete)
+            return VnReply(vn=await self.registry.delete(deleted.vn))
         if op == "placement_set":
             ps_req = decode_model(data, PlacementSet)
             placement = Placement(vnic=ps_req.vnic, hypervisor=ps_req.hypervisor)

@@ -68,8 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     tables.add_argument("--json", action="store_true")
 
     agent = sub.add_parser("agent", help="hypervisor agent")
-    agent_run = agent.add_subparsers(dest="action", required=True).add_parser(
-        "run", help="apply an inventory file and keep running")
+    agent_sub = agent.add_subparsers(dest="action", required=True)
+    agent_ctl = agent_sub.add_parser(
+        "ctl", help="ask a running agent to do a VNIC operation (as its hypervisor)")
+    _endpoint_args(agent_ctl)
+    agent_ctl.add_argument("hypervisor")
+    agent_ctl.add_argument("op", choices=("connect", "disconnect", "associate", "disassociate",
+                                          "shutdown", "startup", "remove", "depart", "prepare",
+                                          "arrive"))
+    agent_ctl.add_argument("vnic")
+    agent_ctl.add_argument("--port")
+    agent_ctl.add_argument("--vn", help="VN alias, name or id")
+    agent_ctl.add_argument("--addr", action="append", default=[],
+                           help="MAC[=IP,IP/len...] (repeat)")
+    agent_ctl.add_argument("--json", action="store_true")
+    agent_run = agent_sub.add_parser("run", help="apply an inventory file and keep running")
     _endpoint_args(agent_run)
     agent_run.add_argument("--inventory", required=True, type=Path)
     agent_run.add_argument("--once", action="store_true", help="apply and exit")
@@ -89,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     lst = vn.add_parser("list", help="list VNs")
     _endpoint_args(lst)
     lst.add_argument("--json", action="store_true")
+    delete = vn.add_parser("delete", help="remove a VN (refused while addresses are bound)")
+    _endpoint_args(delete)
+    delete.add_argument("ref")
+    delete.add_argument("--json", action="store_true")
     profile = vn.add_parser("profile", help="VN profile: ACLs and QoS [4.5]")
     profile_sub = profile.add_subparsers(dest="profile_action", required=True)
     profile_set = profile_sub.add_parser("set", help="set a VN's profile from a JSON/YAML file")
@@ -198,6 +215,8 @@ async def _vn_command(args: argparse.Namespace) -> int:
             vns = await client.list()
         elif args.action == "profile":
             return await _profile(client, args)
+        elif args.action == "delete":
+            vns = [await client.delete(_vn_ref(args.ref))]
         else:
             vns = [await client.get(_vn_ref(args.ref))]
         if args.json:
@@ -225,6 +244,35 @@ async def _tables_command(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         await nc.close()
+
+
+async def _agent_ctl_command(args: argparse.Namespace) -> int:
+    from nvo3.connect import connect_nats
+    from schemas.messages import AddressEntry, ErrorReply
+    from schemas.operator import AgentCommand
+    from schemas.wire import decode_reply, dumps
+
+    entries = []
+    for spec in args.addr:
+        mac, _, ips = spec.partition("=")
+        entries.append(AddressEntry(mac=mac, ips=tuple(i for i in ips.split(",") if i)))
+    cmd = AgentCommand(op=args.op, vnic=args.vnic, port=args.port,
+                       vn=_vn_ref(args.vn) if args.vn else None, entries=tuple(entries))
+    ep = _endpoints(args)
+    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False, identity=ep.identity("op"))
+    try:
+        msg = await nc.request(ep.subjects.agent_ctl(args.hypervisor), dumps(cmd), timeout=10)
+    finally:
+        await nc.close()
+    reply = decode_reply(msg.data)
+    if args.json:
+        _print_json(reply.model_dump(mode="json"))
+    elif isinstance(reply, ErrorReply):
+        print(f"refused: {reply.code}: {reply.reason}", file=sys.stderr)
+    else:
+        tag = f" tag={reply.result.tag} vni={reply.result.vni}" if reply.result else ""
+        print(f"ok: {reply.op}{tag} ima_ops={reply.ima_ops}")
+    return EXIT_REFUSED if isinstance(reply, ErrorReply) else EXIT_OK
 
 
 async def _placement_command(args: argparse.Namespace) -> int:
@@ -418,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ima":
             return _run_async(lambda: _run_ima(args))
         if args.command == "agent":
+            if args.action == "ctl":
+                return _run_async(lambda: _agent_ctl_command(args))
             return _run_async(lambda: _run_agent(args))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -191,6 +191,7 @@ def nats_permissions(
                 f"{base}.ima.>",
                 f"{base}.nve.*.ctl.>",
                 subjects.agent_state("*"),
+                subjects.agent_ctl("*"),
             ),
             subscribe=(inbox,),
         )

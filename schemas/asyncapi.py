@@ -43,6 +43,7 @@ IMA_OPS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "profile_set": (operator.ProfileSet, operator.ProfileReply),
     "profile_get": (operator.ProfileGet, operator.ProfileReply),
     "placement_set": (operator.PlacementSet, operator.PlacementReply),
+    "delete": (operator.VnDelete, operator.VnReply),
 }
 
 # The Subjects methods each channel family covers (the test checks that every

@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     STALE_SEQ = "stale_seq"  # older than the sender's newest applied request: reordered
     UNKNOWN_VN = "unknown_vn"
     VN_EXISTS = "vn_exists"  # create with a name/alias/id already bound differently
+    VN_IN_USE = "vn_in_use"  # delete of a VN that still has address bindings
     UNKNOWN_VNIC = "unknown_vnic"
     NOT_CONNECTED = "not_connected"  # VNIC is not connected to that VN
     PORT_MISMATCH = "port_mismatch"  # VNIC is bound to another port
@@ -35,6 +36,7 @@ class ErrorCode(StrEnum):
     AMBIGUOUS = "ambiguous"  # a gleaned address matches no single VNIC
     RATE_LIMITED = "rate_limited"  # this hypervisor sent more than its share
     IMA_UNAVAILABLE = "ima_unavailable"
+    NVE_UNREACHABLE = "nve_unreachable"  # an agent could not reach its NVE (will resync)
     INTERNAL = "internal"
 
 

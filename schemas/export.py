@@ -32,6 +32,8 @@ MODELS: tuple[type[BaseModel], ...] = (
     operator.VnCreate,
     operator.VnGet,
     operator.VnList,
+    operator.VnDelete,
+    operator.AgentCommand,
     operator.VnReply,
     operator.VnListReply,
     operator.PlacementSet,

@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field
 
 from schemas.base import PROTOCOL_VERSION, Strict
-from schemas.messages import ServiceType, VnRef
+from schemas.messages import AddressEntry, ServiceType, VnRef
 from schemas.profile import VnProfile
 from schemas.records import Placement, VnMembers, VnRecord
-from schemas.types import Alias, HypervisorId, VnicName, VnId, VnName
+from schemas.types import Alias, HypervisorId, PortId, VnicName, VnId, VnName
 
 
 class VnCreate(Strict):
@@ -44,6 +44,14 @@ class PlacementReply(Strict):
 class VnGet(Strict):
     v: Literal[1] = PROTOCOL_VERSION
     kind: Literal["vn_get"] = "vn_get"
+    vn: VnRef
+
+
+class VnDelete(Strict):
+    """Remove a VN from the registry (refused with vn_in_use while addresses are bound)."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["vn_delete"] = "vn_delete"
     vn: VnRef
 
 
@@ -90,3 +98,20 @@ class ProfileReply(Strict):
     kind: Literal["profile"] = "profile"
     vn: VnName
     profile: VnProfile | None = None
+
+
+class AgentCommand(Strict):
+    """An operator's VNIC operation, executed by a hypervisor's agent (``nvo3 agent ctl``).
+
+    The agent records it in its desired state and sends the protocol message
+    itself, so the NVE still sees the hypervisor as the sender [4].
+    """
+
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: Literal["agent_command"] = "agent_command"
+    op: Literal["connect", "disconnect", "associate", "disassociate", "shutdown", "startup",
+                "remove", "depart", "prepare", "arrive"]
+    vnic: VnicName
+    port: PortId | None = None
+    vn: VnRef | None = None
+    entries: tuple[AddressEntry, ...] = Field(default=(), max_length=4096)

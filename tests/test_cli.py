@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
+from schemas.messages import AddressEntry, VnRef
 from tests.slice import Slice, start_slice
 
 pytestmark = pytest.mark.integration
@@ -118,3 +119,49 @@ async def test_vn_profile_set_and_show(cp: Slice, tmp_path: object) -> None:
     rc, _, err = await nvo3(cp, "vn", "profile", "set", "blue", "--file", str(path))
     assert rc == 2
     assert b"invalid input" in err
+
+
+async def test_agent_ctl_runs_vnic_operations_through_the_agent(cp: Slice) -> None:
+    from agents.service import AgentService
+
+    assert cp.client is not None
+    await cp.client.create("blue")
+    agent = await cp.agent("hv1", "nve1")
+    service = AgentService(agent)
+    cp._tasks.append(asyncio.create_task(service.run()))
+    await service.ready.wait()
+    vnic = "6f1c2c4e-2a3b-4c5d-8e9f-0a1b2c3d4e5f"
+    rc, out, err = await nvo3(cp, "agent", "ctl", "hv1", "connect", vnic, "--port", "eth0",
+                              "--vn", "blue")
+    assert rc == 0, err
+    assert b"tag=1" in out
+    rc, out, err = await nvo3(cp, "agent", "ctl", "hv1", "associate", vnic, "--vn", "blue",
+                              "--addr", "02:00:00:00:00:01=10.0.0.1")
+    assert rc == 0, err
+    assert b"ima_ops=2" in out
+    rc, out, err = await nvo3(cp, "agent", "ctl", "hv1", "shutdown", vnic, "--json")
+    assert rc == 0, err
+    assert orjson.loads(out)["ima_ops"] == 2
+    assert service.agent.desired.vnics[vnic].state == "down"
+    rc, _, err = await nvo3(cp, "agent", "ctl", "hv1", "associate", vnic)
+    assert rc == 1
+    assert b"needs a VN" in err
+
+
+async def test_vn_delete_refused_while_in_use(cp: Slice) -> None:
+    assert cp.client is not None
+    await cp.client.create("blue")
+    await cp.client.create("spare")
+    hv1 = await cp.agent("hv1", "nve1")
+    vnic = "6f1c2c4e-2a3b-4c5d-8e9f-0a1b2c3d4e5f"
+    blue = VnRef(alias="blue")
+    await hv1.connect(vnic, "eth0", blue)
+    await hv1.associate(vnic, blue, (AddressEntry(mac="02:00:00:00:00:01"),))
+    rc, _, err = await nvo3(cp, "vn", "delete", "blue")
+    assert rc == 1
+    assert b"vn_in_use" in err
+    rc, _, err = await nvo3(cp, "vn", "delete", "spare")
+    assert rc == 0, err
+    rc, out, _ = await nvo3(cp, "vn", "list", "--json")
+    assert [v["alias"] for v in orjson.loads(out)] == ["blue"]
+    assert not any("/vn/alias/spare" in k for k in await cp.keys())
