@@ -216,7 +216,9 @@ class HypervisorAgent:
         costs (NATS round trip, decode, IMA transaction share) per batch, not per
         address, and does not wait for one reply before sending the next request.
         Returns one reply per message sent, in order; a refusal is returned as its
-        ``AgentError`` and does not stop the others.
+        ``AgentError`` and does not stop the others.  Requests leave in sequence order
+        (nats-py queues a publish before it yields), so pipelining does not trip the
+        NVE's ``stale_seq`` check; one overtaken anyway is renumbered by ``send``.
         """
         if window < 1 or max_entries < 1:
             raise ValueError("window and max_entries must be >= 1")

@@ -29,6 +29,7 @@ class AgentService:
     def __init__(self, agent: HypervisorAgent) -> None:
         self.agent = agent
         self.synced: dict[str, int] = {}  # NVE -> the epoch our last full sync reached
+        self.resyncs: dict[str, int] = {}  # NVE -> its last announced drop counter
         self.counters: Counter[str] = Counter()
         self.ready = asyncio.Event()
         self._wanted: asyncio.Queue[str] = asyncio.Queue()
@@ -61,7 +62,13 @@ class AgentService:
                 self.counters["bad_announcements"] += 1
                 continue
             synced = self.synced.get(announce.nve)
-            if synced is not None and synced != announce.epoch:
+            resync = self.resyncs.setdefault(announce.nve, announce.resync)
+            if resync != announce.resync:
+                # The NVE dropped requests (slow consumer): send everything again.
+                self.resyncs[announce.nve] = announce.resync
+                self.counters["resyncs_after_drops"] += 1
+                self._wanted.put_nowait(announce.nve)
+            elif synced is not None and synced != announce.epoch:
                 self.counters["nve_restarts_seen"] += 1
                 self.synced[announce.nve] = announce.epoch  # one sync per new epoch
                 self._wanted.put_nowait(announce.nve)

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
+from nats.errors import SlowConsumerError
 
 from ima.keys import KeyLayout
 from ima.mobility import MobilityPolicy
@@ -98,6 +99,7 @@ class NveService:
                             port_scopes=dict(config.port_scopes))
         self.core.enforce_placement = config.enforce_placement
         self.limiter = RateLimiter(config.rate_per_s, config.burst)
+        self.resync_seq = 0  # bumped when NATS dropped requests meant for us
         self.counters: Counter[str] = Counter()
         self.latencies: deque[int] = deque(maxlen=200_000)
         self.writer = ImaWriter(store, self.counters, config.nve_id, config.mobility)
@@ -106,6 +108,7 @@ class NveService:
         self.lease_id = 0
         self.ready = asyncio.Event()
         self._changed = asyncio.Event()
+        self._announce_now = asyncio.Event()
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._replies: set[asyncio.Task[None]] = set()
@@ -360,18 +363,31 @@ class NveService:
         if task is not None:
             task.cancel()
 
+    def on_nats_error(self, exc: Exception) -> None:
+        """Register with ``nvo3.connect.ErrorRelay``: a dropped request means resync."""
+        if isinstance(exc, SlowConsumerError):
+            self.counters["slow_consumer_drops"] += 1
+            self.resync_seq += 1  # the next announcement asks every agent for its state
+            self._announce_now.set()
+
     async def _announce(self) -> None:
         """Tell agents our epoch; a new one makes them send their full state.
 
         Repeated, because core NATS may drop a message: an agent that missed
-        the first announcement catches the next one.
+        the first announcement catches the next one.  ``resync`` changes when
+        NATS dropped requests meant for us (slow consumer): agents resync then
+        too, so a drop is never silent divergence.
         """
-        payload = dumps(EpochAnnounce(nve=self.config.nve_id, epoch=self.epoch))
         subject = self.subjects.nve_epoch(self.config.nve_id)
         while True:
+            payload = dumps(EpochAnnounce(nve=self.config.nve_id, epoch=self.epoch,
+                                          resync=self.resync_seq))
             await self.nc.publish(subject, payload)
             self.counters["epoch_announcements"] += 1
-            await asyncio.sleep(self.config.announce_s)
+            self._announce_now.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.announce_s):
+                    await self._announce_now.wait()
 
     # ------------------------------------------------------ timers, gleaning
 

@@ -4,7 +4,9 @@ Requests are applied to the core one at a time, but their IMA writes are
 queued here and committed together: a batch takes everything waiting (up to
 ``max_batch_ops``), keeps only the last write per key (a put then a delete of
 the same key is just the delete), and commits it in etcd transactions of at
-most 128 operations.  Each request's future resolves with a ``WriteReport``
+most 128 operations; those touch disjoint keys, so they are sent together (up to
+``max_txns_in_flight``) and etcd commits them in one round.  Batches themselves
+stay strictly one after another.  Each request's future resolves with a ``WriteReport``
 once its writes are durable, so the reply to the hypervisor means
 "registered in the IMA".
 

@@ -334,10 +334,12 @@ async def _run_ima(args: argparse.Namespace) -> int:
 
 async def _run_nve(args: argparse.Namespace) -> int:
     from nve.service import NveConfig, NveService
-    from nvo3.connect import connect_nats, open_store
+    from nvo3.connect import ErrorRelay, connect_nats, open_store
 
     ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, args.id, identity=ep.identity(f"nve:{args.id}"))
+    relay = ErrorRelay()  # slow-consumer drops reach the NVE, which asks for a resync
+    nc = await connect_nats(ep.nats, args.id, identity=ep.identity(f"nve:{args.id}"),
+                            error_cb=relay)
     store = await open_store(ep.etcd, identity=ep.identity(f"nve:{args.id}"))
     try:
         from nvo3.security import AGENT_REPLY_PREFIX
@@ -346,6 +348,7 @@ async def _run_nve(args: argparse.Namespace) -> int:
                            hold_s=args.hold_s, announce_s=args.announce_s,
                            reply_prefix=AGENT_REPLY_PREFIX if ep.secure else None)
         service = NveService(config, nc, store, layout=ep.layout, subjects=ep.subjects)
+        relay.add(service.on_nats_error)
         if args.metrics_port >= 0:
             from nvo3.metrics import serve_metrics
 

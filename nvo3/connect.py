@@ -81,6 +81,25 @@ class Endpoints:
         return Subjects(self.subject_root)
 
 
+class ErrorRelay:
+    """An ``error_cb`` that fans asynchronous NATS errors out to services.
+
+    nats-py reports a slow consumer (messages dropped for a subscription that
+    fell behind) only through the connection's error callback; a service that
+    must turn such a drop into a resync registers a handler here.
+    """
+
+    def __init__(self) -> None:
+        self.handlers: list[Callable[[Exception], None]] = []
+
+    def add(self, handler: Callable[[Exception], None]) -> None:
+        self.handlers.append(handler)
+
+    async def dispatch(self, exc: Exception) -> None:
+        for handler in self.handlers:
+            handler(exc)
+
+
 async def connect_nats(
     urls: tuple[str, ...] | list[str],
     name: str,
@@ -90,7 +109,7 @@ async def connect_nats(
     tls: ssl.SSLContext | None = None,
     nkey_seed: str | None = None,
     inbox_prefix: str | None = None,
-    error_cb: ErrorCallback | None = None,
+    error_cb: ErrorCallback | ErrorRelay | None = None,
 ) -> Nats:
     """Services reconnect forever; one-shot operator commands give up (exit code 3).
 
@@ -110,7 +129,9 @@ async def connect_nats(
         options["nkeys_seed_str"] = nkey_seed
     if inbox_prefix is not None:
         options["inbox_prefix"] = inbox_prefix
-    if error_cb is not None:
+    if isinstance(error_cb, ErrorRelay):
+        options["error_cb"] = error_cb.dispatch  # nats-py wants a coroutine function
+    elif error_cb is not None:
         options["error_cb"] = error_cb
     return await nats.connect(
         servers=list(urls),

@@ -310,6 +310,7 @@ class EpochAnnounce(Strict):
     kind: Literal["epoch"] = "epoch"
     nve: NveId
     epoch: int
+    resync: int = 0  # changes when the NVE lost requests (slow consumer): resync too
 
 
 class ErrorReply(Strict):

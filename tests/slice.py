@@ -17,7 +17,7 @@ from ima.client import ImaClient
 from ima.service import ImaService
 from ima.store import EtcdStore
 from nve.service import NveConfig, NveService
-from nvo3.connect import Endpoints, connect_nats, open_store
+from nvo3.connect import Endpoints, ErrorRelay, connect_nats, open_store
 
 WAIT = 10.0
 
@@ -33,8 +33,8 @@ class Slice:
     _stores: list[EtcdStore] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    async def nats(self, name: str) -> Any:
-        nc = await connect_nats(self.ep.nats, name)
+    async def nats(self, name: str, error_cb: Any = None) -> Any:
+        nc = await connect_nats(self.ep.nats, name, error_cb=error_cb)
         self._conns.append(nc)
         return nc
 
@@ -51,9 +51,11 @@ class Slice:
         return ima
 
     async def start_nve(self, nve_id: str, underlay: str, **config: Any) -> NveService:
+        relay = ErrorRelay()
         nve = NveService(NveConfig(nve_id, underlay, **config),
-                         await self.nats(nve_id), await self.new_store(),
+                         await self.nats(nve_id, relay), await self.new_store(),
                          layout=self.ep.layout, subjects=self.ep.subjects)
+        relay.add(nve.on_nats_error)
         task = asyncio.create_task(nve.run())
         self._tasks.append(task)
         ready = asyncio.create_task(nve.ready.wait())

@@ -254,3 +254,27 @@ async def test_lost_lease_is_retaken_and_bindings_republished(cp: Slice) -> None
     assert result["stale"] == 0
     keys = await cp.keys()
     assert cp.ep.layout.nve("nve1") in keys
+
+
+async def test_requests_dropped_by_a_slow_consumer_trigger_a_counted_resync(
+    nats_urls: list[str], etcd_endpoints: list[str], key_prefix: str, subject_root: str
+) -> None:
+    s = await start_slice(nats_urls, etcd_endpoints, key_prefix, subject_root, ("nve1",),
+                          announce_s=0.2, pending_limit=4)
+    try:
+        assert s.client is not None
+        await s.client.create("blue")
+        hv1 = await agent_service(s, "hv1", "nve1")
+        await populate(hv1, "a", 2)
+        flood = s._conns[0]
+        junk = orjson.dumps({"v": 1, "kind": "vnic_shutdown", "sender": "hv8", "seq": 1,
+                             "vnic": vnic("x")})
+        for _ in range(3000):  # far more than the NVE's 4-message buffer
+            await flood.publish(s.ep.subjects.hv_request("nve1", "hv8", "vnic_shutdown"), junk)
+        await flood.flush()
+        nve = s.nves["nve1"]
+        await s.wait("nve1", lambda: nve.counters["slow_consumer_drops"] > 0)
+        await s.wait("nve1", lambda: hv1.counters["resyncs_after_drops"] > 0)
+        assert (await converged(s, ["hv1"]))["lost"] == 0
+    finally:
+        await s.stop()
