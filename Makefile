@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test chaos lint typecheck check clean
+.PHONY: demo test chaos bench lint typecheck check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 # The long fault-injection run (50 rounds, ~5 min here); results go to docs/reliability.md.
 chaos: $(STAMP)
 	$(BIN)/nvo3 chaos --rounds 50 --seed 1 --json chaos-results.json
+
+# The full benchmark (floors and system figures in one run, ~4 min); see docs/performance.md.
+bench: $(STAMP)
+	$(BIN)/nvo3 bench --json bench/results/full.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -450,8 +450,20 @@ class NveService:
 
     async def _serve_tables(self, sub: Any) -> None:
         async for msg in sub.messages:
-            if msg.reply:
-                await self.nc.publish(msg.reply, orjson.dumps(self.snapshot()))
+            if not msg.reply:
+                continue
+            data = orjson.dumps(self.snapshot())
+            if len(data) > self.nc.max_payload:
+                # Too big for one NATS message: answer with what fits, and say so.
+                self.counters["tables_truncated"] += 1
+                summary = {k: v for k, v in self.snapshot().items()
+                           if k not in ("vnics", "ports", "remote")}
+                summary["truncated"] = (f"tables are {len(data)} bytes, over NATS "
+                                        f"max_payload {self.nc.max_payload}; use etcdctl")
+                summary["sizes"] = {"vnics": len(self.core.vnics),
+                                    "remote": self.core.remote.size()}
+                data = orjson.dumps(summary)
+            await self.nc.publish(msg.reply, data)
 
     def snapshot(self) -> dict[str, Any]:
         tables = self.core.tables()

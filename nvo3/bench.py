@@ -47,8 +47,8 @@ from agents.service import AgentService
 from ima.client import ImaClient
 from ima.keys import KeyLayout
 from ima.service import ImaService
-from ima.store import EtcdStore, KeyMissing, Put
-from nve.follower import VnFollower
+from ima.store import EtcdStore, KeyMissing, Put, StoreError
+from nve.follower import RELIST_PAGE, VnFollower
 from nve.remote import RemoteTable
 from nve.service import NveConfig, NveService
 from nvo3.connect import Endpoints, connect_nats, open_store
@@ -75,7 +75,9 @@ class Plan:
     agents: int
     vnics_per_agent: int
     window: int  # requests in flight per agent
-    events: int  # address events per throughput variant
+    events: int  # at most this many address events per throughput variant
+    calibration: int  # events of the burst that sizes each variant's timed run
+    variant_seconds: float  # target duration of each variant's timed run
     rate: int  # offered load of the latency run, events/s
     rate_seconds: float
     cold_sync: tuple[int, ...]  # mappings in the IMA for the cold-sync runs
@@ -85,12 +87,14 @@ class Plan:
 
 QUICK = Plan(
     name="quick", nats_msgs=50_000, nats_requests=500, etcd_puts=200, etcd_txns=30,
-    watch_samples=100, agents=8, vnics_per_agent=8, window=32, events=4_000, rate=1_000,
+    watch_samples=100, agents=8, vnics_per_agent=8, window=32, events=8_000,
+    calibration=1_000, variant_seconds=2.0, rate=1_000,
     rate_seconds=2.0, cold_sync=(20_000,), resync_vnics=1_000, migrations=20,
 )
 FULL = Plan(
     name="full", nats_msgs=500_000, nats_requests=5_000, etcd_puts=2_000, etcd_txns=300,
-    watch_samples=1_000, agents=8, vnics_per_agent=64, window=32, events=100_000,
+    watch_samples=1_000, agents=8, vnics_per_agent=64, window=32, events=200_000,
+    calibration=4_000, variant_seconds=20.0,
     rate=1_000, rate_seconds=10.0, cold_sync=(100_000, 1_000_000), resync_vnics=10_000,
     migrations=100,
 )
@@ -802,12 +806,23 @@ async def stage_latency(run: Run) -> None:
 
 async def stage_throughput(run: Run) -> None:
     best: float = 0.0
-    run.revision = await run.store.current_revision()
     per_variant: dict[str, Any] = {}
     for label, macs_per_msg, ips_per_mac in VARIANTS:
-        n = run.plan.events
-        n -= n % (macs_per_msg * (1 + ips_per_mac))
+        per_msg = macs_per_msg * (1 + ips_per_mac)
+        # Calibrate (and warm up) on a short burst, then size the timed run to last about
+        # ``variant_seconds``: the slow variants must not eat the whole time budget.
+        probe = run.plan.calibration - run.plan.calibration % per_msg
+        base = _remote_size(run.nve2, run.vn_name)
+        start = time.perf_counter()
+        await run.gen.call("associate", fleet="hv", first=run.macs(probe), n=probe,
+                           macs_per_msg=macs_per_msg, ips_per_mac=ips_per_mac,
+                           window=run.plan.window)
+        await _until_size(run.nve2, run.vn_name, base + probe, 300)
+        estimate = probe / (time.perf_counter() - start)
+        n = int(min(run.plan.events, max(probe, estimate * run.plan.variant_seconds)))
+        n -= n % per_msg
         first = run.macs(n)
+        run.revision = await run.store.current_revision()
         base = _remote_size(run.nve2, run.vn_name)
         _log(f"throughput: {n} events, {label}")
         cpu0 = run.cpu()
@@ -832,30 +847,47 @@ async def stage_throughput(run: Run) -> None:
             note=f"{acked['messages']} messages, {n / max(1, txns):.1f} events per IMA txn; "
                  f"CPU us/event: "
                  + ", ".join(f"{k} {v:.0f}" for k, v in cpu_us.items())))
-        if macs_per_msg == 1 and ips_per_mac == 1:
-            best = rate
-            floor = run.res.floors.get("etcd_txn128_puts_per_s", 0.0)
-            fig.target = ">= 20000 and >= 0.5x txn floor"
-            fig.met = rate >= 20_000 and rate >= 0.5 * floor
+        floor = run.res.floors.get("etcd_txn128_puts_per_s", 0.0)
+        fig.target = ">= 20000 and >= 0.5x txn floor"
+        fig.met = rate >= 20_000 and rate >= 0.5 * floor
+        best = max(best, rate)
     run.res.details["throughput"] = per_variant
     run.res.details["throughput_headline"] = best
 
 
 async def _load_ima(store: EtcdStore, layout: KeyLayout, vn: str, n: int) -> float:
-    """Write ``n`` MAC bindings of a ghost NVE straight into etcd (the fast path)."""
-    chunk = 4096
+    """Write ``n`` MAC bindings of a ghost NVE straight into etcd (the fast path).
+
+    Transactions of 128 puts, 16 in flight; the values are the canonical JSON an NVE
+    writes (a validated template with the MAC and VNIC varied).
+    """
+    template = orjson.loads(_binding_value(0, vn))
+    vnics = [_vnic(f"ghost-{i}") for i in range(64)]
     start = time.perf_counter()
 
-    async def one(lo: int, hi: int) -> None:
-        await store.commit([Put(layout.mac(vn, _mac(i)), _binding_value(i, vn))
-                            for i in range(lo, hi)])
+    def value(i: int) -> bytes:
+        record = dict(template)
+        record["mac"] = _mac(i)
+        record["vnic"] = vnics[i % 64]
+        return orjson.dumps(record)
 
-    lo = 0
-    while lo < n:
-        spans = [(s, min(s + chunk, n)) for s in range(lo, min(lo + 4 * chunk, n), chunk)]
-        await asyncio.gather(*(one(a, b) for a, b in spans))
-        lo = spans[-1][1]
+    async def txn(lo: int, hi: int) -> None:
+        await store.txn((), [Put(layout.mac(vn, _mac(i)), value(i)) for i in range(lo, hi)])
+
+    step, inflight = 128, 16
+    for lo in range(0, n, step * inflight):
+        await asyncio.gather(*(txn(a, min(a + step, n))
+                               for a in range(lo, min(lo + step * inflight, n), step)))
     return time.perf_counter() - start
+
+
+def _rss() -> int:
+    """Resident memory of this process, bytes (Linux)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 async def stage_cold_sync(run: Run) -> None:
@@ -868,10 +900,11 @@ async def stage_cold_sync(run: Run) -> None:
         vn = (await client.create(alias)).vn
         _log(f"cold sync {label}: loading the IMA")
         load_s = await _load_ima(store, layout, vn.name, n)
-        run.res.details.setdefault("cold_sync", {})[label] = {"load_seconds": load_s}
-        # Floor: the raw paged listing of the same prefix, no decoding.
+        details: dict[str, Any] = {"load_seconds": load_s}
+        run.res.details.setdefault("cold_sync", {})[label] = details
+        # Floor: the raw listing of the same prefix with the same paging, no decoding.
         start = time.perf_counter()
-        items, _ = await store.get_prefix(layout.map_prefix(vn.name))
+        items, _ = await store.get_prefix(layout.map_prefix(vn.name), page_size=RELIST_PAGE)
         list_s = time.perf_counter() - start
         assert len(items) == n, (len(items), n)
         del items
@@ -879,28 +912,39 @@ async def stage_cold_sync(run: Run) -> None:
         run.res.floors[f"etcd_list_{label}_s"] = list_s
         # A fresh NVE: connecting one VNIC starts its follower, which lists and applies.
         _log(f"cold sync {label}: fresh NVE syncing")
+        rss0 = _rss()
         nve = await run.h.start_nve(f"cold{label.lower()}", "192.0.2.30")
         agent = await run.h.agent(f"coldhv{label.lower()}", nve.config.nve_id)
         start = time.perf_counter()
         await agent.connect(_vnic(f"cold/{label}"), "eth0", VnRef(alias=alias))
         await _until_size(nve, vn.name, n, 600)
         sync_s = time.perf_counter() - start
+        gc.collect()
+        rss_per = (_rss() - rss0) / n
         await run.h.stop_nve(nve.config.nve_id)
         del nve
         gc.collect()
-        # Memory per mapping: the same follower path again, under tracemalloc (untimed).
-        _log(f"cold sync {label}: memory pass")
-        per = await _sync_memory(store, layout, vn.name, n)
-        run.res.details["cold_sync"][label].update(
-            {"sync_seconds": sync_s, "list_seconds": list_s, "bytes_per_mapping": per})
+        details.update({"sync_seconds": sync_s, "list_seconds": list_s,
+                        "rss_bytes_per_mapping": rss_per})
         target_s = 10.0 * n / 1_000_000
         run.res.add(Figure(f"cold sync {label} mappings", sync_s, "s", f"etcd_list_{label}_s",
                            f"<= {target_s:g} s" + ("" if n == 1_000_000 else " (1M: <= 10 s)"),
                            sync_s <= target_s))
-        run.res.add(Figure(f"NVE memory per remote mapping ({label})", per, "B",
-                           target="<= 200 B", met=per <= 200))
-        await store.delete_prefix(layout.map_prefix(vn.name))
-        await store.compact(await store.current_revision())
+        if n <= 100_000:
+            # The same follower path again under tracemalloc (untimed): what the remote
+            # table holds, exactly.  At 1M that pass would cost minutes; RSS stands in.
+            _log(f"cold sync {label}: memory pass")
+            per = await _sync_memory(store, layout, vn.name, n)
+            details["bytes_per_mapping"] = per
+            run.res.add(Figure(f"NVE memory per remote mapping ({label})", per, "B",
+                               target="<= 200 B", met=per <= 200,
+                               note=f"tracemalloc; RSS delta {rss_per:.0f} B"))
+        else:
+            run.res.add(Figure(f"NVE memory per remote mapping ({label})", rss_per, "B",
+                               target="<= 200 B", met=rss_per <= 200,
+                               note="RSS delta of the syncing process"))
+        with contextlib.suppress(StoreError):  # best effort: the servers are thrown away
+            await store.delete_prefix(layout.map_prefix(vn.name))
 
 
 async def _sync_memory(store: EtcdStore, layout: KeyLayout, vn: str, n: int) -> float:

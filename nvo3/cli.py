@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--agents", help="hypervisor ids to ask besides those the NVEs know")
     chk.add_argument("--json", action="store_true")
 
+    bench = sub.add_parser("bench", help="measure floors and the system on embedded servers")
+    bench.add_argument("--quick", action="store_true", help="short run (< 1 min)")
+    bench.add_argument("--json", dest="json_path", help="also write the results as JSON to FILE")
+
     chaos = sub.add_parser("chaos", help="random churn under injected faults, then the checker")
     chaos.add_argument("--rounds", type=int, default=50)
     chaos.add_argument("--seed", type=int, default=1)
@@ -452,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
             from nvo3.up import run_subcommand
 
             return run_subcommand(args)
+        if args.command == "bench":
+            from nvo3 import bench as bench_module
+
+            return bench_module.main(quick=args.quick, json_path=args.json_path)
         if args.command == "chaos":
             from nvo3 import chaos
 

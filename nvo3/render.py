@@ -24,6 +24,9 @@ def vn_table(vns: Sequence[VnRecord]) -> str:
 
 def nve_tables(snapshot: dict[str, Any]) -> str:
     out = [f"NVE {snapshot['nve']} (underlay {snapshot['underlay']})"]
+    if "truncated" in snapshot:
+        out.append(f"  {snapshot['truncated']} (sizes: {snapshot.get('sizes')})")
+        return "\n".join(out)
     local_rows = []
     for vnic, v in snapshot["vnics"].items():
         for att in v["vns"].values():
