@@ -360,6 +360,9 @@ def _tune_channel(client: Etcd3Client) -> None:
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 2000),
+                # Big pages make large listings fast (etcd 3.5 re-counts the rest of the
+                # range per page, so many small pages cost quadratic time); allow 64 MiB.
+                ("grpc.max_receive_message_length", 64 << 20),
             ]
         )
 
