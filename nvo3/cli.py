@@ -17,14 +17,18 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-import orjson
 from nats.errors import NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 from pydantic import ValidationError
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from nvo3.exit_codes import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
 
 
 def _endpoint_args(p: argparse.ArgumentParser) -> None:
@@ -153,248 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _endpoints(args: argparse.Namespace) -> Any:
-    from nvo3.connect import Endpoints
-
-    return Endpoints.from_env(args.nats, args.etcd, args.key_root, args.subject_root,
-                              args.creds)
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
-
-
-def _vn_ref(text: str) -> Any:
-    from schemas.messages import VnRef
-
-    if text.isdigit():
-        return VnRef(id=int(text))
-    if len(text) == 36 and text.count("-") == 4:
-        return VnRef(name=text)
-    return VnRef(alias=text)
-
-
-async def _profile(client: Any, args: argparse.Namespace) -> int:
-    import yaml
-
-    from schemas.profile import VnProfile
-
-    if args.profile_action == "set":
-        data = yaml.safe_load(args.file.read_text())
-        reply = await client.set_profile(_vn_ref(args.ref), VnProfile.model_validate(data))
-    else:
-        reply = await client.get_profile(_vn_ref(args.ref))
-    if args.json:
-        _print_json(reply.model_dump(mode="json"))
-    elif reply.profile is None:
-        print(f"VN {reply.vn}: no profile")
-    else:
-        p = reply.profile
-        print(f"VN {reply.vn} profile (revision {p.revision}): qos "
-              f"{p.qos.model_dump(exclude_none=True)}")
-        for rule in p.acl:
-            print("  acl " + " ".join(f"{k}={v}" for k, v in
-                                      rule.model_dump(exclude_none=True).items()))
-    return EXIT_OK
-
-
-async def _vn_command(args: argparse.Namespace) -> int:
-    from ima.client import ImaClient
-    from nvo3.connect import connect_nats
-    from nvo3.render import vn_table
-
-    ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False, identity=ep.identity("op"))
-    try:
-        client = ImaClient(nc, ep.subjects)
-        if args.action == "create":
-            from schemas.records import VnMembers
-
-            members = VnMembers(hypervisors=tuple(args.member_hv),
-                                vnics=tuple(args.member_vnic))
-            reply = await client.create(args.alias, service=args.service, name=args.name,
-                                        vn_id=args.vn_id, members=members)
-            vns = [reply.vn]
-        elif args.action == "list":
-            vns = await client.list()
-        elif args.action == "profile":
-            return await _profile(client, args)
-        elif args.action == "delete":
-            vns = [await client.delete(_vn_ref(args.ref))]
-        else:
-            vns = [await client.get(_vn_ref(args.ref))]
-        if args.json:
-            _print_json([v.model_dump(mode="json") for v in vns])
-        else:
-            print(vn_table(vns))
-        return EXIT_OK
-    finally:
-        await nc.close()
-
-
-async def _tables_command(args: argparse.Namespace) -> int:
-    from nvo3.connect import connect_nats
-    from nvo3.render import nve_tables
-
-    ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False, identity=ep.identity("op"))
-    try:
-        msg = await nc.request(ep.subjects.nve_tables(args.nve_id), b"{}", timeout=5)
-        snapshot = orjson.loads(msg.data)
-        if args.json:
-            _print_json(snapshot)
-        else:
-            print(nve_tables(snapshot))
-        return EXIT_OK
-    finally:
-        await nc.close()
-
-
-async def _agent_ctl_command(args: argparse.Namespace) -> int:
-    from nvo3.connect import connect_nats
-    from schemas.messages import AddressEntry, ErrorReply
-    from schemas.operator import AgentCommand
-    from schemas.wire import decode_reply, dumps
-
-    entries = []
-    for spec in args.addr:
-        mac, _, ips = spec.partition("=")
-        entries.append(AddressEntry(mac=mac, ips=tuple(i for i in ips.split(",") if i)))
-    cmd = AgentCommand(op=args.op, vnic=args.vnic, port=args.port,
-                       vn=_vn_ref(args.vn) if args.vn else None, entries=tuple(entries))
-    ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False, identity=ep.identity("op"))
-    try:
-        msg = await nc.request(ep.subjects.agent_ctl(args.hypervisor), dumps(cmd), timeout=10)
-    finally:
-        await nc.close()
-    reply = decode_reply(msg.data)
-    if args.json:
-        _print_json(reply.model_dump(mode="json"))
-    elif isinstance(reply, ErrorReply):
-        print(f"refused: {reply.code}: {reply.reason}", file=sys.stderr)
-    else:
-        tag = f" tag={reply.result.tag} vni={reply.result.vni}" if reply.result else ""
-        print(f"ok: {reply.op}{tag} ima_ops={reply.ima_ops}")
-    return EXIT_REFUSED if isinstance(reply, ErrorReply) else EXIT_OK
-
-
-async def _placement_command(args: argparse.Namespace) -> int:
-    from ima.client import ImaClient
-    from nvo3.connect import connect_nats
-
-    ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "nvo3-cli", persistent=False, identity=ep.identity("op"))
-    try:
-        reply = await ImaClient(nc, ep.subjects).place(args.vnic, args.hypervisor)
-        print(f"VNIC {reply.placement.vnic} placed on {reply.placement.hypervisor} "
-              f"(revision {reply.revision})")
-        return EXIT_OK
-    finally:
-        await nc.close()
-
-
-async def _check_command(args: argparse.Namespace) -> int:
-    from nvo3.check import gather_and_check
-    from nvo3.connect import connect_nats, open_store
-
-    ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "nvo3-check", persistent=False, identity=ep.identity("op"))
-    store = await open_store(ep.etcd, identity=ep.identity("op"))
-    try:
-        agents = [a for a in (args.agents or "").split(",") if a]
-        report = await gather_and_check(nc, store, ep, agents)
-    finally:
-        await nc.close()
-        await store.close()
-    if args.json:
-        _print_json(report.as_dict())
-    else:
-        print(f"lost={len(report.lost)} stale={len(report.stale)} "
-              f"wrong_vni={len(report.wrong_vni)}")
-        for line in report.lost:
-            print("  lost  " + line)
-        for line in report.stale:
-            print("  stale " + line)
-        for line in report.wrong_vni:
-            print("  vni   " + line)
-    return EXIT_OK if report.ok else EXIT_REFUSED
-
-
-async def _run_ima(args: argparse.Namespace) -> int:
-    from ima.service import ImaService
-    from nvo3.connect import connect_nats, open_store
-
-    ep = _endpoints(args)
-    nc = await connect_nats(ep.nats, "ima", identity=ep.identity("ima"))
-    store = await open_store(ep.etcd, identity=ep.identity("ima"))
-    try:
-        await ImaService(nc, store, layout=ep.layout, subjects=ep.subjects).run()
-    finally:
-        await nc.close()
-        await store.close()
-    return EXIT_OK
-
-
-async def _run_nve(args: argparse.Namespace) -> int:
-    from nve.service import NveConfig, NveService
-    from nvo3.connect import ErrorRelay, connect_nats, open_store
-
-    ep = _endpoints(args)
-    relay = ErrorRelay()  # slow-consumer drops reach the NVE, which asks for a resync
-    nc = await connect_nats(ep.nats, args.id, identity=ep.identity(f"nve:{args.id}"),
-                            error_cb=relay)
-    store = await open_store(ep.etcd, identity=ep.identity(f"nve:{args.id}"))
-    try:
-        from nvo3.security import AGENT_REPLY_PREFIX
-
-        config = NveConfig(args.id, args.underlay, lease_ttl=args.lease_ttl,
-                           hold_s=args.hold_s, announce_s=args.announce_s,
-                           reply_prefix=AGENT_REPLY_PREFIX if ep.secure else None)
-        service = NveService(config, nc, store, layout=ep.layout, subjects=ep.subjects)
-        relay.add(service.on_nats_error)
-        if args.metrics_port >= 0:
-            from nvo3.metrics import serve_metrics
-
-            port = serve_metrics(service, args.metrics_port)
-            print(f"nve {args.id}: metrics on http://127.0.0.1:{port}/metrics", flush=True)
-        await service.run()
-    finally:
-        await nc.close()
-        await store.close()
-    return EXIT_OK
-
-
-async def _run_agent(args: argparse.Namespace) -> int:
-    from agents.agent import HypervisorAgent
-    from agents.inventory import load_inventory
-    from agents.service import AgentService
-    from nvo3.connect import connect_nats
-
-    ep = _endpoints(args)
-    inventory = load_inventory(args.inventory)
-    nc = await connect_nats(ep.nats, inventory.hypervisor,
-                            identity=ep.identity(f"hv:{inventory.hypervisor}"))
-    try:
-        routes = {f"alias={alias}": nve for alias, nve in inventory.routes.items()}
-        agent = HypervisorAgent(inventory.hypervisor, inventory.nve, nc, subjects=ep.subjects,
-                                routes=routes)
-        if args.once:
-            await agent.apply_inventory(inventory)
-            print(f"agent {inventory.hypervisor}: inventory applied "
-                  f"({len(inventory.vnics)} VNICs) on NVE {inventory.nve}", flush=True)
-            return EXIT_OK
-        # As a sidecar: the inventory is the desired state; every NVE gets it as one
-        # hv_sync now and again whenever it announces a new epoch (restart).
-        agent.set_inventory(inventory)
-        print(f"agent {inventory.hypervisor}: serving {len(inventory.vnics)} VNICs "
-              f"for NVE(s) {', '.join(sorted(agent.nves()))}", flush=True)
-        await AgentService(agent).run()
-    finally:
-        await nc.close()
-    return EXIT_OK
-
-
 def _run_async(factory: Callable[[], Awaitable[int]]) -> int:
     from agents.agent import AgentError, NveUnreachable
     from ima.client import ImaError
@@ -437,6 +199,8 @@ def _run_async(factory: Callable[[], Awaitable[int]]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nvo3 import operator_commands, process_commands
+
     args = build_parser().parse_args(argv)
     from nvo3.logs import configure
 
@@ -465,21 +229,21 @@ def main(argv: list[str] | None = None) -> int:
 
             return chaos.main(args.rounds, args.seed, args.json_path)
         if args.command == "placement":
-            return _run_async(lambda: _placement_command(args))
+            return _run_async(lambda: operator_commands.placement_command(args))
         if args.command == "check":
-            return _run_async(lambda: _check_command(args))
+            return _run_async(lambda: operator_commands.check_command(args))
         if args.command == "vn":
-            return _run_async(lambda: _vn_command(args))
+            return _run_async(lambda: operator_commands.vn_command(args))
         if args.command == "nve":
             if args.action == "tables":
-                return _run_async(lambda: _tables_command(args))
-            return _run_async(lambda: _run_nve(args))
+                return _run_async(lambda: operator_commands.tables_command(args))
+            return _run_async(lambda: process_commands.run_nve(args))
         if args.command == "ima":
-            return _run_async(lambda: _run_ima(args))
+            return _run_async(lambda: process_commands.run_ima(args))
         if args.command == "agent":
             if args.action == "ctl":
-                return _run_async(lambda: _agent_ctl_command(args))
-            return _run_async(lambda: _run_agent(args))
+                return _run_async(lambda: operator_commands.agent_ctl_command(args))
+            return _run_async(lambda: process_commands.run_agent(args))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return EXIT_USAGE
