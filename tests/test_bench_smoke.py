@@ -34,7 +34,7 @@ def test_quick_bench_completes_and_writes_json(tmp_path: Path) -> None:
     # A child process, as `make bench` runs it: the bench starts its own servers and
     # processes and must leave nothing behind; warnings-as-errors stays with pytest.
     proc = subprocess.run(
-        [sys.executable, "-m", "nvo3.bench", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "nvo3.cli", "bench", "--quick", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
