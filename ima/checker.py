@@ -60,7 +60,7 @@ def intended(
                 for spec in vnic["vns"]:
                     ref = spec["vn"]
                     key = next(f"{k}={v}" for k, v in ref.items() if v is not None)
-                    vn = resolve[key]
+                    vn = resolve.get(key, f"<unknown VN {key}>")  # e.g. deleted meanwhile
                     serves.setdefault(nve, set()).add(vn)
                     if vnic.get("state", "up") != "up":
                         continue

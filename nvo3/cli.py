@@ -157,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_async(factory: Callable[[], Awaitable[int]]) -> int:
+OPERATOR_TIMEOUT_S = 60.0  # one-shot commands give up (exit 3) instead of hanging
+OP_S = OPERATOR_TIMEOUT_S
+
+
+def _run_async(factory: Callable[[], Awaitable[int]], deadline: float | None = None) -> int:
     from agents.agent import AgentError, NveUnreachable
     from ima.client import ImaError
     from ima.store import StoreError
@@ -169,7 +173,8 @@ def _run_async(factory: Callable[[], Awaitable[int]]) -> int:
         assert task is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         try:
-            return await factory()
+            async with asyncio.timeout(deadline):
+                return await factory()
         except asyncio.CancelledError:
             return EXIT_INTERRUPTED
 
@@ -192,7 +197,7 @@ def _run_async(factory: Callable[[], Awaitable[int]]) -> int:
             print(f"refused: not_authorized: {exc}", file=sys.stderr)
             return EXIT_REFUSED
         if isinstance(exc, (NveUnreachable, NatsTimeout, NoRespondersError, NoServersError,
-                            StoreError, OSError)):
+                            StoreError, OSError, TimeoutError)):
             print(f"unreachable: {exc!r}", file=sys.stderr)
             return EXIT_UNREACHABLE
         raise
@@ -229,20 +234,20 @@ def main(argv: list[str] | None = None) -> int:
 
             return chaos.main(args.rounds, args.seed, args.json_path)
         if args.command == "placement":
-            return _run_async(lambda: operator_commands.placement_command(args))
+            return _run_async(lambda: operator_commands.placement_command(args), OP_S)
         if args.command == "check":
-            return _run_async(lambda: operator_commands.check_command(args))
+            return _run_async(lambda: operator_commands.check_command(args), OP_S)
         if args.command == "vn":
-            return _run_async(lambda: operator_commands.vn_command(args))
+            return _run_async(lambda: operator_commands.vn_command(args), OP_S)
         if args.command == "nve":
             if args.action == "tables":
-                return _run_async(lambda: operator_commands.tables_command(args))
+                return _run_async(lambda: operator_commands.tables_command(args), OP_S)
             return _run_async(lambda: process_commands.run_nve(args))
         if args.command == "ima":
             return _run_async(lambda: process_commands.run_ima(args))
         if args.command == "agent":
             if args.action == "ctl":
-                return _run_async(lambda: operator_commands.agent_ctl_command(args))
+                return _run_async(lambda: operator_commands.agent_ctl_command(args), OP_S)
             return _run_async(lambda: process_commands.run_agent(args))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
