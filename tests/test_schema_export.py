@@ -22,3 +22,11 @@ def test_committed_lifecycle_diagram_matches_the_transition_table() -> None:
 
     committed = (DOCS.parent / "lifecycle.md").read_text()
     assert committed == lifecycle_doc(), "run: nvo3 schema export docs/schemas"
+
+
+def test_protocol_and_architecture_embed_the_generated_lifecycle_diagram() -> None:
+    from schemas.export import DIAGRAM_DOCS, with_diagram
+
+    for name in DIAGRAM_DOCS:
+        text = (DOCS.parent / name).read_text()
+        assert with_diagram(text) == text, f"{name}: run nvo3 schema export docs/schemas"
