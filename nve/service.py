@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from ima.registry import VnRegistry
 from ima.store import EtcdStore, LeaseLost, StoreError
 from nve.core import NveCore, Timers
 from nve.effects import BindIp, BindMac, Effect, StartWatch, StopWatch, UnbindIp, UnbindMac
-from nve.follower import VnFollower
+from nve.follower import VnFollower, decode_binding
 from nve.mirror import PrefixMirror
 from nve.ratelimit import RateLimiter
 from nve.remote import Binding
@@ -68,6 +69,7 @@ class NveConfig:
     rate_per_s: float = 0.0  # per-hypervisor request rate (0: unlimited)
     burst: float = 1000.0
     mobility: MobilityPolicy = field(default_factory=MobilityPolicy)
+    state_file: str | None = None  # warm restart: remote tables + revisions saved on stop
 
     @property
     def timers(self) -> Timers:
@@ -110,6 +112,7 @@ class NveService:
         self._changed = asyncio.Event()
         self._announce_now = asyncio.Event()
         self._followers: dict[str, asyncio.Task[None]] = {}
+        self._warm: dict[str, tuple[int, list[tuple[str, Binding]]]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._replies: set[asyncio.Task[None]] = set()
 
@@ -118,6 +121,7 @@ class NveService:
     async def run(self) -> None:
         cfg = self.config
         await self._take_lease()
+        self._warm = self._load_warm_state()
         requests = await self.nc.subscribe(
             self.subjects.nve_requests(cfg.nve_id), pending_msgs_limit=cfg.pending_limit
         )
@@ -141,6 +145,7 @@ class NveService:
                 self.ready.set()
         finally:
             self._tg = None
+            self._save_warm_state()
             for sub in (requests, tables, observed):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -356,7 +361,50 @@ class NveService:
             vn, self.store, self.layout, self.core.remote, self.counters, self.latencies,
             self._changed.set, self._foreign,
         )
-        self._followers[vn] = self._tg.create_task(follower.run(), name=f"follow-{vn}")
+        resume_from = 0
+        saved = self._warm.pop(vn, None)
+        if saved is not None:
+            # Warm restart: what we knew at ``revision`` plus the watch from there, no
+            # re-list (a compacted revision still falls back to one, counted).
+            revision, items = saved
+            self.core.remote.load_snapshot(vn, items, revision)
+            resume_from = revision + 1
+            self.counters["warm_resumes"] += 1
+        self._followers[vn] = self._tg.create_task(follower.run(resume_from),
+                                                   name=f"follow-{vn}")
+
+    def _save_warm_state(self) -> None:
+        """Save the remote tables and their revisions for a warm restart [issue 4]."""
+        path = self.config.state_file
+        if not path:
+            return
+        state = {
+            vn: {"revision": r.revision,
+                 "entries": {k: b.model_dump(mode="json") for k, b in r.entries.items()}}
+            for vn, r in self.core.remote.vns.items() if r.revision
+        }
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(orjson.dumps({"v": 1, "nve": self.config.nve_id, "remote": state}))
+        os.replace(tmp, path)  # atomic: a crash mid-write leaves the old file
+
+    def _load_warm_state(self) -> dict[str, tuple[int, list[tuple[str, Binding]]]]:
+        path = self.config.state_file
+        if not path or not os.path.exists(path):
+            return {}
+        try:
+            with open(path, "rb") as fh:
+                data = orjson.loads(fh.read())
+            out: dict[str, tuple[int, list[tuple[str, Binding]]]] = {}
+            for vn, saved in data["remote"].items():
+                items = [(entry, decode_binding(entry.partition("/")[0], orjson.dumps(b)))
+                         for entry, b in saved["entries"].items()]
+                out[vn] = (int(saved["revision"]), items)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.counters["warm_state_unreadable"] += 1
+            _log.warning("NVE %s: ignoring warm state %s (%s)", self.config.nve_id, path, exc)
+            return {}
+        return out
 
     def _stop_follower(self, vn: str) -> None:
         task = self._followers.pop(vn, None)

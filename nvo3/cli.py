@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="departure without handshake: hold bindings this long")
     nve_run.add_argument("--announce-s", type=float, default=2.0,
                          help="epoch announcement period")
+    nve_run.add_argument("--state-file",
+                         help="warm restart: save remote tables here on stop, resume from them")
     nve_run.add_argument("--metrics-port", type=int, default=-1,
                          help="serve Prometheus /metrics on this port (0: any free; -1: off)")
     tables = nve_sub.add_parser("tables", help="show a running NVE's tables")

@@ -37,6 +37,7 @@ async def run_nve(args: argparse.Namespace) -> int:
 
         config = NveConfig(args.id, args.underlay, lease_ttl=args.lease_ttl,
                            hold_s=args.hold_s, announce_s=args.announce_s,
+                           state_file=args.state_file,
                            reply_prefix=AGENT_REPLY_PREFIX if ep.secure else None)
         service = NveService(config, nc, store, layout=ep.layout, subjects=ep.subjects)
         relay.add(service.on_nats_error)

@@ -278,3 +278,29 @@ async def test_requests_dropped_by_a_slow_consumer_trigger_a_counted_resync(
         assert (await converged(s, ["hv1"]))["lost"] == 0
     finally:
         await s.stop()
+
+
+async def test_warm_restart_resumes_watches_instead_of_relisting(
+    cp: Slice, tmp_path: object
+) -> None:
+    import pathlib
+
+    state = str(pathlib.Path(str(tmp_path)) / "nve1.state")
+    await restart_nve_stopped(cp, "nve1")
+    await cp.start_nve("nve1", "192.0.2.1", announce_s=0.2, lease_ttl=2, state_file=state)
+    hv1 = await agent_service(cp, "hv1", "nve1")
+    hv3 = await agent_service(cp, "hv3", "nve2")
+    await populate(hv3, "c", 3)  # remote bindings for nve1
+    await hv1.agent.connect(vnic("a"), "eth0", BLUE)
+    await cp.wait("nve1", lambda: cp.nves["nve1"].core.remote.size() == 6)
+
+    old = cp.nves["nve1"]
+    await restart_nve_stopped(cp, "nve1")  # graceful stop writes the state file
+    assert await asyncio.to_thread(os.path.exists, state)
+    await populate(hv3, "d", 1)  # changes while nve1 is down: the watch must catch them
+    new = await cp.start_nve("nve1", old.config.underlay, announce_s=0.2, lease_ttl=2,
+                             state_file=state)
+    await cp.wait("nve1", lambda: new.core.remote.size() == 8)
+    assert new.counters["warm_resumes"] == 1
+    assert new.counters["relists"] == 0  # resumed from the saved revision: no listing
+    assert (await converged(cp, ["hv1", "hv3"]))["lost"] == 0
