@@ -345,7 +345,7 @@ def _never_sent(exc: BaseException) -> bool:
     return any(marker in detail for marker in _NOT_SENT_MARKERS)
 
 
-def _tune_channel(client: Etcd3Client) -> None:
+def _tune_channel(client: Etcd3Client, max_receive_bytes: int) -> None:
     """Cap gRPC's reconnect backoff (default: 1 s growing to 120 s).
 
     Without this, a client that saw etcd down for a minute keeps failing for up to two
@@ -362,7 +362,7 @@ def _tune_channel(client: Etcd3Client) -> None:
                 ("grpc.max_reconnect_backoff_ms", 2000),
                 # Big pages make large listings fast (etcd 3.5 re-counts the rest of the
                 # range per page, so many small pages cost quadratic time); allow 64 MiB.
-                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_receive_message_length", max_receive_bytes),
             ]
         )
 
@@ -621,6 +621,7 @@ class EtcdStore:
         tls: TlsConfig | None = None,
         max_txn_ops: int = MAX_TXN_OPS,
         max_txn_bytes: int = MAX_TXN_BYTES,
+        max_receive_bytes: int = 64 << 20,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
@@ -629,6 +630,7 @@ class EtcdStore:
         self._tls = tls
         self.max_txn_ops = max_txn_ops
         self.max_txn_bytes = max_txn_bytes
+        self.max_receive_bytes = max_receive_bytes
         self._client: Etcd3Client | None = None
 
     # -- lifecycle
@@ -648,7 +650,7 @@ class EtcdStore:
             )
         else:
             client = Etcd3Client(endpoints)
-        _tune_channel(client)
+        _tune_channel(client, self.max_receive_bytes)
         await client.connect()
         self._client = client
         try:

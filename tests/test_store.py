@@ -135,10 +135,19 @@ async def test_commit_splits_into_txns_of_128(store: EtcdStore, key_prefix: str)
 
 
 async def test_big_values_split_txns_by_bytes_and_pages_by_message_size(
-    store: EtcdStore, key_prefix: str
+    etcd_endpoints: list[str], key_prefix: str
 ) -> None:
     # 6 x 1 MiB: one txn would exceed etcd's 1.5 MiB request limit, and one 1000-key page
-    # would exceed gRPC's 4 MiB receive limit.
+    # would exceed a 4 MiB receive limit (gRPC's default; the store allows 64 MiB).
+    store = EtcdStore(etcd_endpoints, max_receive_bytes=4 << 20)
+    await store.connect()
+    try:
+        await _split_big_values(store, key_prefix)
+    finally:
+        await store.close()
+
+
+async def _split_big_values(store: EtcdStore, key_prefix: str) -> None:
     big = [Put(f"{key_prefix}big{i}", bytes([i]) * (1 << 20)) for i in range(6)]
     result = await store.commit(big)
     assert result.txns == 6
