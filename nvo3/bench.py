@@ -46,12 +46,12 @@ from agents.agent import AgentError, HypervisorAgent
 from agents.service import AgentService
 from ima.client import ImaClient
 from ima.keys import KeyLayout
-from ima.service import ImaService
 from ima.store import EtcdStore, KeyMissing, Put, StoreError
 from nve.follower import RELIST_PAGE, VnFollower
 from nve.remote import RemoteTable
-from nve.service import NveConfig, NveService
+from nve.service import NveService
 from nvo3.connect import Endpoints, connect_nats, open_store
+from nvo3.harness import ControlPlane
 from nvo3.servers import LocalServers, find_binary
 from schemas.messages import AddressEntry, VnAddresses, VnRef
 from schemas.records import MacBinding
@@ -611,75 +611,6 @@ class NveProcess:
 # --------------------------------------------------------------------------- in-process parts
 
 
-@dataclass
-class Harness:
-    """IMA and in-process NVEs on the bench's servers (cf. tests/slice.py)."""
-
-    ep: Endpoints
-    nves: dict[str, NveService] = field(default_factory=dict)
-    _nve_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    _conns: list[Any] = field(default_factory=list)
-    _stores: list[EtcdStore] = field(default_factory=list)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    async def nats(self, name: str) -> Any:
-        nc = await connect_nats(self.ep.nats, name)
-        self._conns.append(nc)
-        return nc
-
-    async def store(self) -> EtcdStore:
-        store = await open_store(self.ep.etcd)
-        self._stores.append(store)
-        return store
-
-    async def start_ima(self) -> ImaService:
-        ima = ImaService(await self.nats("ima"), await self.store(), layout=self.ep.layout,
-                         subjects=self.ep.subjects)
-        self._tasks.append(asyncio.create_task(ima.run()))
-        await ima.ready.wait()
-        return ima
-
-    async def start_nve(self, nve_id: str, underlay: str) -> NveService:
-        nve = NveService(NveConfig(nve_id, underlay), await self.nats(nve_id),
-                         await self.store(), layout=self.ep.layout, subjects=self.ep.subjects)
-        task = asyncio.create_task(nve.run())
-        ready = asyncio.create_task(nve.ready.wait())
-        await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            ready.cancel()
-            task.result()
-        self.nves[nve_id] = nve
-        self._nve_tasks[nve_id] = task
-        return nve
-
-    async def stop_nve(self, nve_id: str) -> None:
-        task = self._nve_tasks.pop(nve_id)
-        self.nves.pop(nve_id)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    async def agent(self, hv: str, nve: str) -> HypervisorAgent:
-        return HypervisorAgent(hv, nve, await self.nats(hv), subjects=self.ep.subjects,
-                               timeout=30.0)
-
-    async def close(self) -> None:
-        for nve_id in list(self._nve_tasks):
-            with contextlib.suppress(Exception):
-                await self.stop_nve(nve_id)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for nc in self._conns:
-            with contextlib.suppress(Exception):
-                await nc.close()
-        for store in self._stores:
-            with contextlib.suppress(Exception):
-                await store.close()
-
-
 def _remote_size(nve: NveService, vn: str) -> int:
     remote = nve.core.remote.vns.get(vn)
     return 0 if remote is None else len(remote.entries)
@@ -703,7 +634,7 @@ class Run:
     plan: Plan
     res: Results
     servers: LocalServers
-    h: Harness
+    h: ControlPlane
     gen: LoadGenClient
     nve1: NveProcess
     nve2: NveService
@@ -733,7 +664,7 @@ class Run:
 
 async def stage_signalling(run: Run) -> None:
     """Messages and IMA operations per lifecycle operation, from the NVEs' own counters."""
-    agent = await run.h.agent("bench-sig", "nve1")
+    agent = await run.h.agent("bench-sig", "nve1", timeout=30.0)
     vn = VnRef(alias="bench")
     vnic = _vnic("signalling")
     mac = "02:aa:00:00:00:01"
@@ -891,7 +822,7 @@ def _rss() -> int:
 
 
 async def stage_cold_sync(run: Run) -> None:
-    store = await run.h.store()
+    store = await run.h.new_store()
     layout = run.h.ep.layout
     for n in run.plan.cold_sync:
         label = f"{n // 1000}k" if n < 1_000_000 else f"{n // 1_000_000}M"
@@ -914,7 +845,7 @@ async def stage_cold_sync(run: Run) -> None:
         _log(f"cold sync {label}: fresh NVE syncing")
         rss0 = _rss()
         nve = await run.h.start_nve(f"cold{label.lower()}", "192.0.2.30")
-        agent = await run.h.agent(f"coldhv{label.lower()}", nve.config.nve_id)
+        agent = await run.h.agent(f"coldhv{label.lower()}", nve.config.nve_id, timeout=30.0)
         start = time.perf_counter()
         await agent.connect(_vnic(f"cold/{label}"), "eth0", VnRef(alias=alias))
         await _until_size(nve, vn.name, n, 600)
@@ -1076,8 +1007,8 @@ async def _until(nve: NveService, predicate: Callable[[], bool], wait_s: float) 
 async def stage_migration(run: Run) -> None:
     """Cross-NVE migrations nve1 -> nve3, watched by nve2, with and without pre-arrival."""
     nve3 = await run.h.start_nve("nve3", "192.0.2.3")
-    src = await run.h.agent("mig-src", "nve1")
-    dst = await run.h.agent("mig-dst", "nve3")
+    src = await run.h.agent("mig-src", "nve1", timeout=30.0)
+    dst = await run.h.agent("mig-dst", "nve3", timeout=30.0)
     # nve3 already serves the VN (a resident VNIC): the runs compare the handshake, not
     # the destination's first watch of a VN.
     await dst.connect(_vnic("migrate/resident"), "eth1", VnRef(alias="bench"))
@@ -1204,7 +1135,7 @@ async def _bench(plan: Plan, res: Results, stages: set[str] | None) -> None:
         ep = Endpoints(nats=tuple(servers.nats_urls), etcd=tuple(servers.etcd_endpoints),
                        key_root=f"/bench-{secrets.token_hex(3)}/",
                        subject_root=f"b{secrets.token_hex(3)}")
-        h = Harness(ep)
+        h = ControlPlane(ep)
         gen = LoadGenClient(servers.nats_urls, ep.subject_root)
         nve1 = NveProcess(ep, "nve1", "192.0.2.1", servers.workdir / "nve1.log")
         try:
@@ -1215,11 +1146,11 @@ async def _bench(plan: Plan, res: Results, stages: set[str] | None) -> None:
             await nve1.start(nc)
             nve2 = await h.start_nve("nve2", "192.0.2.2")
             # nve2 serves the VN (one local VNIC), so it follows every binding of nve1.
-            await (await h.agent("hv-remote", "nve2")).connect(
+            await (await h.agent("hv-remote", "nve2", timeout=30.0)).connect(
                 _vnic("remote"), "eth0", VnRef(alias="bench"))
             await gen.call("fleet", name="hv", nve="nve1", vn_alias="bench", agents=plan.agents,
                            vnics=plan.vnics_per_agent, window=plan.window)
-            run = Run(plan, res, servers, h, gen, nve1, nve2, nc, vn.name, await h.store())
+            run = Run(plan, res, servers, h, gen, nve1, nve2, nc, vn.name, await h.new_store())
             # Warm-up (caches, connections), then the timed stages.
             first = run.macs(2000)
             await gen.call("associate", fleet="hv", first=first, n=2000, macs_per_msg=1,
@@ -1231,7 +1162,7 @@ async def _bench(plan: Plan, res: Results, stages: set[str] | None) -> None:
         finally:
             await nve1.stop()
             await gen.close()
-            await h.close()
+            await h.stop()
     res.machine["loadavg_end"] = os.getloadavg()
 
 

@@ -455,7 +455,54 @@ def _start_fresh(
     raise ServerStartError(f"{what} failed to start:\n" + "\n".join(failures))
 
 
-class NatsServer:
+class _ServerProcess:
+    """Start, restart, stop and signal one server process (shared by NATS and etcd)."""
+
+    kind: str
+    name: str
+    process: ManagedProcess | None
+    ready_timeout: float
+
+    def started(self) -> bool:
+        raise NotImplementedError
+
+    def launch(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        _start_fresh([self], lambda: None, self.ready_timeout,  # type: ignore[list-item]
+                     f"{self.kind} {self.name}")
+
+    def restart(self) -> None:
+        """Same ports, same data: how a member rejoins its cluster."""
+        if not self.started():
+            raise RuntimeError(f"{self.name} was never started; use start()")
+        self.stop()
+        self.launch()
+        try:
+            _wait_ready([self], self.ready_timeout)  # type: ignore[list-item]
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        if self.process is not None:
+            self.process.stop(timeout)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+
+    def pause(self) -> None:
+        if self.process is not None:
+            self.process.pause()
+
+    def resume(self) -> None:
+        if self.process is not None:
+            self.process.resume()
+
+
+class NatsServer(_ServerProcess):
     """One nats-server with JetStream, identified by a unique server name.
 
     ``start()`` is a fresh start (new ports, empty store); ``restart()`` brings a stopped
@@ -606,38 +653,13 @@ class NatsServer:
             and varz.get("port") == self.port
         )
 
-    def start(self) -> None:
-        _start_fresh([self], lambda: None, self.ready_timeout, f"nats-server {self.name}")
+    kind = "nats-server"
 
-    def restart(self) -> None:
-        if not self.port:
-            raise RuntimeError(f"{self.name} was never started; use start()")
-        self.stop()
-        self.launch()
-        try:
-            _wait_ready([self], self.ready_timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        if self.process is not None:
-            self.process.stop(timeout)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-
-    def pause(self) -> None:
-        if self.process is not None:
-            self.process.pause()
-
-    def resume(self) -> None:
-        if self.process is not None:
-            self.process.resume()
+    def started(self) -> bool:
+        return bool(self.port)
 
 
-class EtcdServer:
+class EtcdServer(_ServerProcess):
     """One etcd member; ``initial_cluster`` is filled in by EtcdCluster for multi-member setups.
 
     ``start()`` is a fresh start (new ports, empty data dir); ``restart()`` reuses both, which
@@ -783,35 +805,10 @@ class EtcdServer:
         header = status.get("header")
         return isinstance(header, dict) and status.get("leader") == header.get("member_id")
 
-    def start(self) -> None:
-        _start_fresh([self], lambda: None, self.ready_timeout, f"etcd {self.name}")
+    kind = "etcd"
 
-    def restart(self) -> None:
-        if not self.client_port:
-            raise RuntimeError(f"{self.name} was never started; use start()")
-        self.stop()
-        self.launch()
-        try:
-            _wait_ready([self], self.ready_timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        if self.process is not None:
-            self.process.stop(timeout)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-
-    def pause(self) -> None:
-        if self.process is not None:
-            self.process.pause()
-
-    def resume(self) -> None:
-        if self.process is not None:
-            self.process.resume()
+    def started(self) -> bool:
+        return bool(self.client_port)
 
 
 class _ClusterBase:

@@ -87,13 +87,7 @@ async def converged(cp: Slice, agents: list[str]) -> dict[str, object]:
 
 
 async def restart_nve(cp: Slice, nve_id: str) -> None:
-    old = cp.nves.pop(nve_id)
-    index = next(i for i, t in enumerate(cp._tasks) if t.get_coro().cr_frame is not None
-                 and t.get_coro().cr_frame.f_locals.get("self") is old)
-    task = cp._tasks.pop(index)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    old = await cp.stop_nve(nve_id)
     await cp.start_nve(nve_id, old.config.underlay, announce_s=0.2, lease_ttl=2)
 
 
@@ -128,24 +122,12 @@ async def test_agent_restart_resends_state_and_changes_nothing(cp: Slice) -> Non
 async def test_event_emitted_while_nve_is_down_is_applied_when_it_is_back(cp: Slice) -> None:
     hv1 = await agent_service(cp, "hv1", "nve1", timeout=0.2, attempts=2)
     await populate(hv1, "a", 2)
-    old = cp.nves["nve1"]
-    await restart_nve_stopped(cp, "nve1")
+    old = await cp.stop_nve("nve1")
     with pytest.raises(NveUnreachable):
         await hv1.agent.associate(vnic("a"), BLUE, (AddressEntry(mac="02:00:00:00:99:99"),))
     await cp.start_nve("nve1", old.config.underlay, announce_s=0.2, lease_ttl=2)
     await cp.wait("nve1", lambda: ("02:00:00:00:99:99" in str(cp.nves["nve1"].core.tables())))
     assert (await converged(cp, ["hv1"]))["lost"] == 0
-
-
-async def restart_nve_stopped(cp: Slice, nve_id: str) -> None:
-    old = cp.nves.pop(nve_id)
-    for task in list(cp._tasks):
-        frame = task.get_coro().cr_frame
-        if frame is not None and frame.f_locals.get("self") is old:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            cp._tasks.remove(task)
 
 
 async def test_nve_crash_is_cleaned_from_remote_tables_within_the_lease_ttl(
@@ -286,7 +268,7 @@ async def test_warm_restart_resumes_watches_instead_of_relisting(
     import pathlib
 
     state = str(pathlib.Path(str(tmp_path)) / "nve1.state")
-    await restart_nve_stopped(cp, "nve1")
+    await cp.stop_nve("nve1")
     await cp.start_nve("nve1", "192.0.2.1", announce_s=0.2, lease_ttl=2, state_file=state)
     hv1 = await agent_service(cp, "hv1", "nve1")
     hv3 = await agent_service(cp, "hv3", "nve2")
@@ -294,8 +276,7 @@ async def test_warm_restart_resumes_watches_instead_of_relisting(
     await hv1.agent.connect(vnic("a"), "eth0", BLUE)
     await cp.wait("nve1", lambda: cp.nves["nve1"].core.remote.size() == 6)
 
-    old = cp.nves["nve1"]
-    await restart_nve_stopped(cp, "nve1")  # graceful stop writes the state file
+    old = await cp.stop_nve("nve1")  # graceful stop writes the state file
     assert await asyncio.to_thread(os.path.exists, state)
     await populate(hv3, "d", 1)  # changes while nve1 is down: the watch must catch them
     new = await cp.start_nve("nve1", old.config.underlay, announce_s=0.2, lease_ttl=2,
