@@ -161,6 +161,9 @@ class NveCore:
         self._seen: dict[str, OrderedDict[int, tuple[HypervisorMessage, Outcome]]] = {}
         self._syncs: dict[str, tuple[int, set[str]]] = {}  # sender -> (sync id, vnics seen)
         self._newest: dict[str, int] = {}  # sender -> newest applied seq (only grows)
+        #: This incarnation's epoch, written into every binding (set by the service).
+        self.epoch = 0
+        self._trace = ""  # trace id of the message being applied, copied into bindings
 
     # ------------------------------------------------------------------ entry
 
@@ -194,7 +197,11 @@ class NveCore:
                 "already applied; resend with a new sequence number",
                 seq=str(msg.seq),
             )
-        outcome = self._dispatch(msg, vn, now_ns, vns or {})
+        self._trace = msg.trace or ""
+        try:
+            outcome = self._dispatch(msg, vn, now_ns, vns or {})
+        finally:
+            self._trace = ""
         self._newest[msg.sender] = msg.seq
         seen[msg.seq] = (msg, outcome)
         if len(seen) > REPLAY_WINDOW:
@@ -1102,7 +1109,9 @@ class NveCore:
             vnic=vnic.name,
             nve=self.nve_id,
             underlay=self.underlay,
+            epoch=self.epoch,
             ts_ns=ts_ns,
+            trace=self._trace,
         )
 
     def _ip_binding(
@@ -1116,7 +1125,9 @@ class NveCore:
             vnic=vnic.name,
             nve=self.nve_id,
             underlay=self.underlay,
+            epoch=self.epoch,
             ts_ns=ts_ns,
+            trace=self._trace,
         )
 
     # ------------------------------------------------------------- snapshots

@@ -70,7 +70,9 @@ _MAC_RE = re.compile(r"[0-9a-f][02468ace](?::[0-9a-f]{2}){5}")  # unicast, lower
 _TOKEN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4_RE = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")  # a host address, no leading zeros
+_TRACE_RE = re.compile(r"[0-9a-f]{16}")
 _MAX_VNI = (1 << 24) - 1
+_MAX_EPOCH = (1 << 63) - 1
 
 
 def _uuid(v: Any) -> Any:
@@ -98,12 +100,20 @@ def _nonneg(v: Any) -> Any:
     return v if type(v) is int and v >= 0 else _NO
 
 
+def _epoch(v: Any) -> Any:
+    return v if type(v) is int and 0 <= v <= _MAX_EPOCH else _NO
+
+
 def _vni(v: Any) -> Any:
     return v if type(v) is int and 1 <= v <= _MAX_VNI else _NO
 
 
 def _version(v: Any) -> Any:
     return v if type(v) is int and v == 1 else _NO
+
+
+def _trace(v: Any) -> Any:
+    return v if type(v) is str and (not v or _TRACE_RE.fullmatch(v)) else _NO
 
 
 def _moves(v: Any) -> Any:
@@ -115,7 +125,7 @@ _NO: Any = object()
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "v": _version, "vn": _uuid, "vnic": _uuid, "vni": _vni, "mac": _mac, "ip": _ipv4,
     "nve": _token, "underlay": _underlay, "ts_ns": _nonneg, "mobility_seq": _nonneg,
-    "moves_ns": _moves,
+    "moves_ns": _moves, "epoch": _epoch, "trace": _trace,
 }
 
 
@@ -137,6 +147,8 @@ _LAYOUT: dict[str, tuple[str, int]] = {
     "ts_ns": (f"({_UINT})", _INT),
     "mobility_seq": (f"({_UINT})", _INT),
     "moves_ns": (rf"\[((?:{_UINT})(?:,(?:{_UINT})){{0,15}})?\]", _INTS),
+    "epoch": (f"({_UINT})", _INT),
+    "trace": (r'"((?:[0-9a-f]{16})?)"', _AS_IS),
 }
 
 
@@ -182,7 +194,8 @@ def _canonical_decode(
     for name in shape.by_kind[_INTS]:
         raw = values[name]
         values[name] = tuple(map(int, raw.split(","))) if raw else ()
-    if not 1 <= values["vni"] <= _MAX_VNI or values["mac"] == "00:00:00:00:00:00":
+    if (not 1 <= values["vni"] <= _MAX_VNI or values["mac"] == "00:00:00:00:00:00"
+            or values["epoch"] > _MAX_EPOCH):
         return None
     built: MacBinding | IpBinding = _construct(model, values, shape.all_fields)
     return built
@@ -385,6 +398,12 @@ class VnFollower:
                 if binding.nve != self._remote.nve_id:
                     if binding.ts_ns:
                         self._latencies.append(now - binding.ts_ns)
+                    if binding.trace and _log.isEnabledFor(logging.DEBUG):
+                        _log.debug("learned %s in VN %s at NVE %s", entry, self.vn, binding.nve,
+                                   extra={"trace": binding.trace, "nve": self._remote.nve_id,
+                                          "remote_nve": binding.nve, "revision": ev.mod_revision,
+                                          "propagation_ms": (now - binding.ts_ns) / 1e6
+                                          if binding.ts_ns else None})
                     if self._on_foreign is not None:
                         self._on_foreign(self.vn, entry, ev.key, binding)
         self._on_change()

@@ -26,7 +26,7 @@ from nats.errors import SlowConsumerError
 from ima.keys import KeyLayout
 from ima.mobility import MobilityPolicy
 from ima.registry import VnRegistry
-from ima.store import EtcdStore, LeaseLost, StoreError
+from ima.store import EtcdStore, KeyMissing, LeaseLost, ModRevisionEquals, Put, StoreError
 from nve.core import NveCore, Timers
 from nve.effects import BindIp, BindMac, Effect, StartWatch, StopWatch, UnbindIp, UnbindMac
 from nve.follower import VnFollower, decode_binding
@@ -52,6 +52,10 @@ from schemas.wire import decode_hypervisor, decode_model, dumps
 _log = logging.getLogger(__name__)
 
 
+class Superseded(RuntimeError):
+    """A newer incarnation of this NVE is registered: this one must stop (fencing)."""
+
+
 @dataclass(frozen=True)
 class NveConfig:
     nve_id: str
@@ -70,6 +74,7 @@ class NveConfig:
     burst: float = 1000.0
     mobility: MobilityPolicy = field(default_factory=MobilityPolicy)
     state_file: str | None = None  # warm restart: remote tables + revisions saved on stop
+    state_save_s: float = 10.0  # ... and this often while running, so a crash leaves one too
 
     @property
     def timers(self) -> Timers:
@@ -80,6 +85,13 @@ class NveConfig:
 
 def _json(model: Any) -> bytes:
     return orjson.dumps(model.model_dump(mode="json"))
+
+
+def _record_epoch(value: bytes) -> int:
+    try:
+        return NveRecord.model_validate_json(value).epoch
+    except ValueError:
+        return 0  # unreadable: treat as the oldest
 
 
 class NveService:
@@ -106,7 +118,9 @@ class NveService:
         self.latencies: deque[int] = deque(maxlen=200_000)
         self.writer = ImaWriter(store, self.counters, config.nve_id, config.mobility)
         self.resolver = VnResolver(VnRegistry(store, self.layout))
-        self.epoch = time.time_ns()
+        self.epoch = time.time_ns()  # this incarnation; newer than any earlier one [issue 4]
+        self.core.epoch = self.epoch
+        self.writer.epoch = self.epoch
         self.lease_id = 0
         self.ready = asyncio.Event()
         self._changed = asyncio.Event()
@@ -114,7 +128,10 @@ class NveService:
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._warm: dict[str, tuple[int, list[tuple[str, Binding]]]] = {}
         self._tg: asyncio.TaskGroup | None = None
+        self.crashed = False  # set by tests to stop like kill -9: no revoke, no state save
+        self._saved_at: tuple[int, ...] = ()
         self._replies: set[asyncio.Task[None]] = set()
+        self.requests_sub: Any = None  # metrics: requests waiting in the NATS client
 
     # ------------------------------------------------------------- lifecycle
 
@@ -122,7 +139,7 @@ class NveService:
         cfg = self.config
         await self._take_lease()
         self._warm = self._load_warm_state()
-        requests = await self.nc.subscribe(
+        requests = self.requests_sub = await self.nc.subscribe(
             self.subjects.nve_requests(cfg.nve_id), pending_msgs_limit=cfg.pending_limit
         )
         tables = await self.nc.subscribe(self.subjects.nve_tables(cfg.nve_id))
@@ -142,25 +159,50 @@ class NveService:
                 for mirror in mirrors:
                     tg.create_task(mirror.follow(), name=f"{cfg.nve_id}-mirror")
                 tg.create_task(self._announce(), name=f"{cfg.nve_id}-epoch")
+                if cfg.state_file and cfg.state_save_s > 0:
+                    tg.create_task(self._save_periodically(), name=f"{cfg.nve_id}-state")
                 self.ready.set()
         finally:
             self._tg = None
-            self._save_warm_state()
             for sub in (requests, tables, observed):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-            # A graceful stop withdraws our bindings at once instead of waiting for the
-            # lease to expire (the bindings carry the lease).
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.revoke_lease(self.lease_id))
+            # A simulated kill -9 (tests) says no goodbye: no state saved, no revoke.
+            if not self.crashed:
+                self._save_warm_state()
+                # A graceful stop withdraws our bindings at once instead of waiting for
+                # the lease to expire (the bindings carry the lease).
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.store.revoke_lease(self.lease_id))
 
     async def _take_lease(self) -> None:
+        """Register this incarnation, unless a newer one of the same NVE already is.
+
+        The record is written with compare-and-swap on what we read, so two
+        incarnations racing cannot both win; a newer epoch means we are the old
+        process (paused past our lease, or started twice) and must stop.
+        """
         cfg = self.config
+        key = self.layout.nve(cfg.nve_id)
         self.lease_id = await self.store.grant_lease(cfg.lease_ttl)
         record = NveRecord(
             nve=cfg.nve_id, underlay=cfg.underlay, epoch=self.epoch, started_ns=time.time_ns()
         )
-        await self.store.put(self.layout.nve(cfg.nve_id), _json(record), lease=self.lease_id)
+        while True:
+            current = await self.store.get(key)
+            if current is not None:
+                held = _record_epoch(current.value)
+                if held > self.epoch:
+                    with contextlib.suppress(StoreError):
+                        await self.store.revoke_lease(self.lease_id)
+                    raise Superseded(f"NVE {cfg.nve_id}: incarnation {held} is registered, "
+                                     f"newer than this one ({self.epoch}); stopping")
+            compare = (KeyMissing(key) if current is None
+                       else ModRevisionEquals(key, current.mod_revision))
+            result = await self.store.txn([compare], [Put(key, _json(record),
+                                                          lease=self.lease_id)])
+            if result.succeeded:
+                break
         self.writer.new_lease(self.lease_id)
 
     async def _retake_lease(self) -> None:
@@ -233,6 +275,11 @@ class NveService:
                                               details={k: str(v) for k, v in exc.fields.items()}))
             return
         self.counters[f"messages.{kind}"] += 1
+        if request.trace and _log.isEnabledFor(logging.DEBUG):
+            _log.debug("applied %s seq=%d from %s: %d IMA ops", kind, seq, request.sender,
+                       len(outcome.effects), extra={"trace": request.trace,
+                                                    "nve": self.config.nve_id,
+                                                    "hypervisor": request.sender})
         if outcome.replayed:
             self.counters["replays"] += 1
         ops = self._execute(outcome.effects)
@@ -373,6 +420,23 @@ class NveService:
         self._followers[vn] = self._tg.create_task(follower.run(resume_from),
                                                    name=f"follow-{vn}")
 
+    async def _save_periodically(self) -> None:
+        """Keep a recent warm state on disk, so even a kill -9 allows a warm restart.
+
+        A state saved at revision R is still right after a crash: the watch resumes
+        at R+1 and replays what happened since (or re-lists if etcd compacted R).
+        """
+        while True:
+            await asyncio.sleep(self.config.state_save_s)
+            marker = tuple(r.revision for r in self.core.remote.vns.values())
+            if marker != self._saved_at:
+                started = time.perf_counter()
+                self._save_warm_state()
+                self._saved_at = marker
+                self.counters["warm_state_saves"] += 1
+                self.counters["warm_state_save_us"] += int((time.perf_counter() - started) * 1e6)
+                self._changed.set()
+
     def _save_warm_state(self) -> None:
         """Save the remote tables and their revisions for a warm restart [issue 4]."""
         path = self.config.state_file
@@ -386,6 +450,8 @@ class NveService:
         tmp = f"{path}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(orjson.dumps({"v": 1, "nve": self.config.nve_id, "remote": state}))
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)  # atomic: a crash mid-write leaves the old file
 
     def _load_warm_state(self) -> dict[str, tuple[int, list[tuple[str, Binding]]]]:
@@ -478,7 +544,28 @@ class NveService:
                          self._drop_profile, self.counters, self._changed.set),
             PrefixMirror(self.store, self.layout.placements_prefix(), self._set_placement,
                          self._drop_placement, self.counters, self._changed.set),
+            PrefixMirror(self.store, self.layout.nves_prefix(), self._set_nve,
+                         self._drop_nve, self.counters, self._changed.set),
         ]
+
+    def _set_nve(self, nve: str, value: bytes, revision: int) -> None:
+        """An NVE (re)registered: forget what its older incarnations left [issue 4]."""
+        del revision
+        record = NveRecord.model_validate_json(value)
+        if record.nve == self.config.nve_id:
+            if record.epoch > self.epoch:
+                self.counters["superseded"] += 1
+                raise Superseded(f"NVE {record.nve}: a newer incarnation ({record.epoch}) "
+                                 f"registered; this one ({self.epoch}) stops")
+            return
+        dropped = self.core.remote.nve_epoch(record.nve, record.epoch)
+        if dropped:
+            self.counters["remote_leftovers_dropped"] += dropped
+            _log.info("NVE %s restarted (epoch %d): dropped %d leftover mappings",
+                      record.nve, record.epoch, dropped)
+
+    def _drop_nve(self, nve: str) -> None:
+        del nve  # its lease ended: its bindings go with it, one watch event each
 
     def _set_profile(self, name: str, value: bytes, revision: int) -> None:
         profile = VnProfile.model_validate_json(value)

@@ -17,7 +17,10 @@ Every write is conditional (compare-and-swap on the key's mod revision):
   * a claim (migration arrival) reads the current holder, applies the EVPN
     mobility rules (``ima.mobility``) and compares on the holder's revision.
 So a stale writer - an old NVE after its VNIC moved, a late withdraw - can
-never overwrite or remove the new location.  A write that loses is reported
+never overwrite or remove the new location.  Ownership also names the
+incarnation: every binding carries the writer's ``epoch``, and a key held by a
+newer incarnation of this same NVE (we are a zombie: paused, replaced, still
+running) is never ours - the write is reported lost.  A write that loses is reported
 (``lost``), never retried blindly.
 
 Transient etcd failures are retried forever with capped backoff: the queue is
@@ -111,6 +114,7 @@ class ImaWriter:
     max_txns_in_flight: int = 8  # transactions of one batch sent to etcd together
     owned: dict[str, int] = field(default_factory=dict)  # key -> mod revision we wrote
     lease_id: int = 0  # every binding carries the NVE's lease: it dies with the NVE
+    epoch: int = 0  # this incarnation; a key held by a newer one of ours is not ours
     _queue: asyncio.Queue[_Pending] = field(init=False)
     _lease_ok: asyncio.Event = field(init=False)
 
@@ -261,6 +265,10 @@ class ImaWriter:
             report.frozen[op.key] = exc.reason
             self.counters["ima_frozen"] += 1
             return None
+        if holder is not None and holder.nve == self.nve_id and holder.epoch > self.epoch:
+            report.lost.append(op.key)
+            self.counters["ima_superseded"] += 1
+            return None
         if holder is not None and holder.nve != self.nve_id:
             self.counters["ima_claims"] += 1
         value = orjson.dumps(new.model_dump(mode="json"))
@@ -311,7 +319,15 @@ class ImaWriter:
         """One key on its own: find out who holds it and act only if it is ours."""
         key = plan.op.key
         kv = await self.store.get(key)
-        mine = kv is not None and _holder(kv.value) == self.nve_id
+        holder, epoch = (None, 0) if kv is None else _holder(kv.value)
+        if holder == self.nve_id and epoch > self.epoch:
+            # A newer incarnation of this NVE holds it: we are the leftover.
+            self.owned.pop(key, None)
+            if not isinstance(plan.op, WriteDelete):
+                report.lost.append(key)
+            self.counters["ima_superseded"] += 1
+            return
+        mine = holder == self.nve_id
         if isinstance(plan.op, WriteDelete):
             if kv is None or not mine:
                 self.owned.pop(key, None)
@@ -344,10 +360,13 @@ class ImaWriter:
             self.counters["ima_lost"] += 1
 
 
-def _holder(value: bytes) -> str | None:
+def _holder(value: bytes) -> tuple[str | None, int]:
+    """The NVE holding a binding and the incarnation that wrote it."""
     try:
         obj = orjson.loads(value)
     except orjson.JSONDecodeError:
-        return None
-    nve = obj.get("nve") if isinstance(obj, dict) else None
-    return nve if isinstance(nve, str) else None
+        return None, 0
+    if not isinstance(obj, dict):
+        return None, 0
+    nve, epoch = obj.get("nve"), obj.get("epoch", 0)
+    return (nve if isinstance(nve, str) else None), (epoch if type(epoch) is int else 0)

@@ -77,6 +77,19 @@ class ControlPlane:
             await task
         return nve
 
+    async def crash_nve(self, nve_id: str) -> NveService:
+        """Stop one NVE like kill -9: its lease is left to expire, nothing is saved.
+
+        Its connections are closed too, so nothing of it keeps the lease alive.
+        """
+        self.nves[nve_id].crashed = True
+        nve = await self.stop_nve(nve_id)
+        with contextlib.suppress(Exception):
+            await nve.nc.close()
+        with contextlib.suppress(Exception):
+            await nve.store.close()
+        return nve
+
     async def agent(self, hypervisor: str, nve: str, **options: Any) -> HypervisorAgent:
         return HypervisorAgent(hypervisor, nve, await self.nats(hypervisor),
                                subjects=self.ep.subjects, **options)

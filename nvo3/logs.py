@@ -2,6 +2,9 @@
 
 Fields: ts, level, logger, msg, plus any ``extra={...}`` the caller gave
 (e.g. ``nve``, ``trace``), so a log shipper can index them without parsing.
+With ``-vv`` every event is logged at debug level with its ``trace`` id: by the
+agent that publishes it, the NVE that applies it and every remote NVE that
+learns the resulting mapping from the IMA, so one id finds the event's whole path.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
-def configure(verbose: bool, json_logs: bool) -> None:
+def configure(verbose: int, json_logs: bool) -> None:
+    """``verbose``: 0 warnings, 1 info, 2 debug (per-event lines with trace ids)."""
     handler = logging.StreamHandler()
     if json_logs:
         handler.setFormatter(JsonFormatter())
@@ -41,7 +45,7 @@ def configure(verbose: bool, json_logs: bool) -> None:
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
     # nats-py's TLS transport makes asyncio warn "returning true from eof_received()
     # has no effect when using ssl" on every close: noise, not a problem of ours.
     logging.getLogger("asyncio").setLevel(logging.ERROR)

@@ -3,7 +3,9 @@
 Every request carries the same envelope: ``v`` (protocol version), ``kind``
 (the discriminator), ``sender`` (hypervisor id, also a token of the NATS
 subject), ``seq`` (per-sender sequence number, for idempotent replay) and
-``ts_ns`` (publish time, for propagation telemetry).
+``ts_ns`` (publish time, for propagation telemetry) and optionally ``trace`` (a
+trace id the agent chose; the NVE logs it, writes it into the bindings the
+event creates, and the remote NVE logs it when it learns them).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from schemas.types import (
     Seq,
     Tag,
     TimestampNs,
+    TraceId,
     Vni,
     VnicName,
     VnId,
@@ -74,6 +77,7 @@ class Envelope(Strict):
     sender: HypervisorId
     seq: Seq
     ts_ns: TimestampNs = 0
+    trace: TraceId | None = None  # follows the event to the remote NVE's log
 
 
 class VnConnect(Envelope):

@@ -17,7 +17,9 @@ from schemas.types import (
     HypervisorId,
     IpEntry,
     Mac,
+    NveEpoch,
     NveId,
+    RecordTrace,
     TimestampNs,
     UnderlayIp,
     Vni,
@@ -72,7 +74,14 @@ class VnPointer(Strict):
 
 
 class MacBinding(Strict):
-    """(VN, MAC) -> the NVE (and its underlay address) that reaches it [4.2]."""
+    """(VN, MAC) -> the NVE (and its underlay address) that reaches it [4.2].
+
+    Liveness and ownership are separate: the binding is attached to the NVE's
+    etcd lease (it disappears with a dead NVE), and ``epoch`` names the NVE
+    incarnation that wrote it.  Once an NVE has restarted (a newer epoch in its
+    ``NveRecord``), remote NVEs ignore what an older incarnation left behind, and
+    an old incarnation still running can never overwrite the new one's bindings.
+    """
 
     v: Literal[1] = PROTOCOL_VERSION
     vn: VnName
@@ -81,9 +90,11 @@ class MacBinding(Strict):
     vnic: VnicName
     nve: NveId
     underlay: UnderlayIp
+    epoch: NveEpoch = 0  # the owning NVE's incarnation (NveRecord.epoch) [issue 4]
     ts_ns: TimestampNs = 0  # the hypervisor's publish time, for propagation telemetry
     mobility_seq: int = Field(default=0, ge=0)  # EVPN MAC mobility (RFC 7432 s15)
     moves_ns: tuple[int, ...] = Field(default=(), max_length=16)  # recent move times
+    trace: RecordTrace = ""  # trace id of the event that wrote it
 
 
 class IpBinding(Strict):
@@ -97,9 +108,11 @@ class IpBinding(Strict):
     vnic: VnicName
     nve: NveId
     underlay: UnderlayIp
+    epoch: NveEpoch = 0  # the owning NVE's incarnation (NveRecord.epoch) [issue 4]
     ts_ns: TimestampNs = 0
     mobility_seq: int = Field(default=0, ge=0)
     moves_ns: tuple[int, ...] = Field(default=(), max_length=16)
+    trace: RecordTrace = ""
 
 
 class NveRecord(Strict):
@@ -108,5 +121,5 @@ class NveRecord(Strict):
     v: Literal[1] = PROTOCOL_VERSION
     nve: NveId
     underlay: UnderlayIp
-    epoch: int
+    epoch: NveEpoch
     started_ns: TimestampNs

@@ -94,6 +94,11 @@ Vni = Annotated[int, Field(strict=True, ge=1, le=MAX_VNI)]
 VnId = Annotated[int, Field(strict=True, ge=1, le=MAX_VN_ID)]
 Seq = Annotated[int, Field(strict=True, ge=0, le=(1 << 63) - 1)]
 TimestampNs = Annotated[int, Field(strict=True, ge=0)]
+#: A trace id: 16 lower-case hex digits, chosen by the agent per event and carried
+#: to the NVE's log, the IMA binding and the remote NVE's log ("" in a record: none).
+TraceId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
+RecordTrace = Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-f]{16})?$")]
+NveEpoch = Annotated[int, Field(strict=True, ge=0, le=(1 << 63) - 1)]
 
 
 def _host_ip(value: Any) -> str:
