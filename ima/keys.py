@@ -46,6 +46,13 @@ class KeyLayout:
     def vn_profiles_prefix(self) -> str:
         return f"{self.root}vn/profile/"
 
+    # Which NVEs serve a VN (have a local VNIC in it), held by each NVE's lease [4.1]
+    def vn_attached(self, name: str, nve_id: str) -> str:
+        return f"{self.root}vn/attached/{name}/{nve_id}"
+
+    def vn_attached_prefix(self, name: str) -> str:
+        return f"{self.root}vn/attached/{name}/"
+
     # Placement of VNICs on hypervisors [5]
     def placement(self, vnic: str) -> str:
         return f"{self.root}placement/{vnic}"

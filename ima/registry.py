@@ -136,7 +136,8 @@ class VnRegistry:
         )
 
     async def delete(self, ref: VnRef) -> VnRecord:
-        """Remove a VN from the registry; refused while any address is bound in it."""
+        """Remove a VN from the registry; refused while any address is bound in it
+        or any NVE still has a VNIC connected to it (even one without addresses)."""
         record = await self.resolve(ref)
         async for page in self._store.iter_prefix(self._keys.map_prefix(record.name),
                                                   page_size=1):
@@ -148,6 +149,15 @@ class VnRegistry:
                     vn=record.name,
                 )
             break
+        attached, _ = await self._store.get_prefix(self._keys.vn_attached_prefix(record.name))
+        if attached:
+            nves = sorted(kv.key.rsplit("/", 1)[-1] for kv in attached)
+            raise Conflict(
+                ErrorCode.VN_IN_USE,
+                f"VN {record.alias} has connected VNICs on NVE(s) {', '.join(nves)}; "
+                "disconnect them first",
+                vn=record.name,
+            )
         keys = self._keys
         await self._store.txn([], [
             Delete(keys.vn_name(record.name)), Delete(keys.vn_alias(record.alias)),

@@ -2,6 +2,8 @@
 
 VN records do not change once created, so an NVE asks the IMA once per VN and
 reference spelling; an unknown VN is not cached, so creating it later works.
+A deleted VN is forgotten (the NVE watches the registry), so a VN deleted and
+created again under the same alias resolves to the new record.
 """
 
 from __future__ import annotations
@@ -23,3 +25,10 @@ class VnResolver:
             self._cache[ref] = record
             self._cache[VnRef(name=record.name)] = record
         return record
+
+    def forget(self, name: str) -> int:
+        """The VN ``name`` was deleted: drop every spelling of it; how many."""
+        stale = [ref for ref, record in self._cache.items() if record.name == name]
+        for ref in stale:
+            del self._cache[ref]
+        return len(stale)

@@ -45,7 +45,7 @@ from schemas.messages import (
     VnRef,
 )
 from schemas.profile import VnProfile
-from schemas.records import NveRecord, Placement, VnRecord
+from schemas.records import NveRecord, Placement, VnAttachment, VnRecord
 from schemas.subjects import Subjects
 from schemas.wire import decode_hypervisor, decode_model, dumps
 
@@ -85,6 +85,10 @@ class NveConfig:
 
 def _json(model: Any) -> bytes:
     return orjson.dumps(model.model_dump(mode="json"))
+
+
+def _ignore(key: str, value: bytes, revision: int) -> None:
+    del key, value, revision
 
 
 def _record_epoch(value: bytes) -> int:
@@ -180,7 +184,9 @@ class NveService:
 
         The record is written with compare-and-swap on what we read, so two
         incarnations racing cannot both win; a newer epoch means we are the old
-        process (paused past our lease, or started twice) and must stop.
+        process (paused past our lease, or started twice) and must stop.  An older
+        one is a crashed predecessor: its lease is revoked, which withdraws all it
+        left behind at once instead of after the lease TTL.
         """
         cfg = self.config
         key = self.layout.nve(cfg.nve_id)
@@ -197,6 +203,14 @@ class NveService:
                         await self.store.revoke_lease(self.lease_id)
                     raise Superseded(f"NVE {cfg.nve_id}: incarnation {held} is registered, "
                                      f"newer than this one ({self.epoch}); stopping")
+                if held < self.epoch and current.lease and current.lease != self.lease_id:
+                    # Our predecessor crashed (or is a zombie): everything it held goes
+                    # now, not when its lease would expire; the agents' resync brings
+                    # back what still exists.
+                    with contextlib.suppress(StoreError):
+                        await self.store.revoke_lease(current.lease)
+                    self.counters["predecessor_leases_revoked"] += 1
+                    continue
             compare = (KeyMissing(key) if current is None
                        else ModRevisionEquals(key, current.mod_revision))
             result = await self.store.txn([compare], [Put(key, _json(record),
@@ -234,6 +248,7 @@ class NveService:
                            self.config.nve_id)
                 await self._retake_lease()
                 ops = self._execute(self.core.republish())
+                ops.extend(self._attachment(vn) for vn in self._followers)
                 self.counters["ima_ops.republish"] += len(ops)
                 await self.writer.submit(ops)
                 self._changed.set()
@@ -341,23 +356,31 @@ class NveService:
                 ops.append(WriteDelete(keys.ip(eff.vn, eff.ip)))
             elif isinstance(eff, StartWatch):
                 self._start_follower(eff.vn)
+                ops.append(self._attachment(eff.vn))
             elif isinstance(eff, StopWatch):
                 self._stop_follower(eff.vn)
+                ops.append(WriteDelete(keys.vn_attached(eff.vn, self.config.nve_id)))
         return ops
+
+    def _attachment(self, vn: str) -> WritePut:
+        """We serve ``vn`` (held by our lease): a VN in use cannot be deleted."""
+        record = VnAttachment(vn=vn, nve=self.config.nve_id, epoch=self.epoch)
+        return WritePut(self.layout.vn_attached(vn, self.config.nve_id), _json(record))
 
     async def _reply_when(
         self, done: asyncio.Future[WriteReport], msg: Msg, reply: OkReply
     ) -> None:
         report = await done
         failure: ErrorReply | None = None
-        if report.lost:
+        lost = [key for key in report.lost if self.layout.parse_map_key(key) is not None]
+        if lost:
             # Another NVE won the compare-and-swap: the address is not ours.
-            for key in report.lost:
+            for key in lost:
                 self._lost(key)
             failure = ErrorReply(
                 seq=reply.seq, code=ErrorCode.MAC_CONFLICT,
-                reason=f"lost to another NVE in the IMA: {', '.join(report.lost)}",
-                details={"keys": ",".join(report.lost)})
+                reason=f"lost to another NVE in the IMA: {', '.join(lost)}",
+                details={"keys": ",".join(lost)})
         elif report.frozen:
             for key in report.frozen:  # not ours in the IMA: do not pretend locally
                 self._lost(key)
@@ -375,7 +398,7 @@ class NveService:
         parsed = self.layout.parse_map_key(key)
         if parsed is not None:
             vn, kind, addr = parsed
-            self._execute(self.core.taken_over(vn, f"{kind}/{addr}", "?"))
+            self._submit_soon(self._execute(self.core.taken_over(vn, f"{kind}/{addr}", "?")))
 
     def _foreign(self, vn: str, entry: str, key: str, binding: Binding) -> None:
         """The watch shows another NVE holding a key: if it was ours, it moved."""
@@ -386,10 +409,16 @@ class NveService:
             return
         self.writer.disown(key)
         self.counters["taken_over"] += 1
-        effects = self.core.taken_over(vn, entry, binding.nve)
-        ops = self._execute(effects)
-        if ops:  # taken_over never writes; keep the invariant visible if it ever does
-            raise AssertionError(f"taken_over produced IMA writes: {ops}")
+        self._submit_soon(self._execute(self.core.taken_over(vn, entry, binding.nve)))
+
+    def _submit_soon(self, ops: list[WriteOp]) -> None:
+        """IMA writes decided outside a request (the VNIC's last address moved away,
+        so the VN attachment goes): queued by a task of the service's group."""
+        if ops and self._tg is not None:
+            self._tg.create_task(self._submit_all(ops))
+
+    async def _submit_all(self, ops: list[WriteOp]) -> None:
+        await self.writer.submit(ops)
 
     async def _reply(self, msg: Msg, reply: OkReply | ErrorReply) -> None:
         if not msg.reply:
@@ -538,7 +567,8 @@ class NveService:
     # ------------------------------------------- profiles and placements
 
     def _mirrors(self) -> list[PrefixMirror]:
-        """IMA data every NVE keeps a live copy of: VN profiles [4.5], placements [5]."""
+        """IMA data every NVE keeps a live copy of: VN profiles [4.5], placements [5],
+        NVE incarnations (issue 4) and which VNs exist (to forget deleted ones)."""
         return [
             PrefixMirror(self.store, self.layout.vn_profiles_prefix(), self._set_profile,
                          self._drop_profile, self.counters, self._changed.set),
@@ -546,7 +576,14 @@ class NveService:
                          self._drop_placement, self.counters, self._changed.set),
             PrefixMirror(self.store, self.layout.nves_prefix(), self._set_nve,
                          self._drop_nve, self.counters, self._changed.set),
+            PrefixMirror(self.store, self.layout.vn_names_prefix(), _ignore,
+                         self._forget_vn, self.counters, self._changed.set),
         ]
+
+    def _forget_vn(self, name: str) -> None:
+        """A VN was deleted from the registry: stop resolving it from the cache."""
+        if self.resolver.forget(name):
+            self.counters["vns_forgotten"] += 1
 
     def _set_nve(self, nve: str, value: bytes, revision: int) -> None:
         """An NVE (re)registered: forget what its older incarnations left [issue 4]."""

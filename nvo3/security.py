@@ -299,6 +299,8 @@ def etcd_roles(key_root: str, nves: Sequence[str]) -> dict[str, tuple[EtcdGrant,
         ),
         ROLE_NVE: (
             EtcdGrant("readwrite", f"{key_root}map/"),
+            # Which NVEs serve a VN (keeps `vn delete` from removing a VN in use).
+            EtcdGrant("readwrite", f"{key_root}vn/attached/"),
             EtcdGrant("read", f"{key_root}vn/"),
             EtcdGrant("read", f"{key_root}placement/"),
             EtcdGrant("read", f"{key_root}nve/"),

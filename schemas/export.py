@@ -47,6 +47,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     records.MacBinding,
     records.IpBinding,
     records.NveRecord,
+    records.VnAttachment,
     records.Placement,
 )
 

@@ -115,6 +115,20 @@ class IpBinding(Strict):
     trace: RecordTrace = ""
 
 
+class VnAttachment(Strict):
+    """An NVE serves this VN: at least one local VNIC is connected to it [4.1].
+
+    Written when the first local VNIC joins, removed when the last leaves, and
+    attached to the NVE's lease; ``nvo3 vn delete`` refuses while any exists,
+    even if those VNICs have no address yet.
+    """
+
+    v: Literal[1] = PROTOCOL_VERSION
+    vn: VnName
+    nve: NveId
+    epoch: NveEpoch = 0
+
+
 class NveRecord(Strict):
     """Liveness of an NVE; held by its etcd lease, gone when the NVE dies."""
 

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from agents.agent import AgentError
+from ima.client import ImaError
 from schemas.errors import ErrorCode
 from schemas.messages import AddressEntry, VnRef
 from tests.slice import Slice, start_slice
@@ -124,7 +125,7 @@ async def test_vnic_disassociate_removes_the_whole_tree_in_one_message(cp: Slice
                                                       ips=("10.2.0.1", "10.2.8.0/24")),))
     assert len([k for k in await cp.keys() if "/map/" in k]) == 5
     reply = await hv1.remove_vnic(vnic("a"))
-    assert reply.ima_ops == 5
+    assert reply.ima_ops == 5 + 2  # 5 bindings, and nve1's attachments to BLUE and RED
     assert [k for k in await cp.keys() if "/map/" in k] == []
     assert cp.nves["nve1"].core.tables()["vnics"] == {}
     assert cp.nves["nve1"].core.tables()["ports"] == {}
@@ -169,3 +170,38 @@ async def test_agent_retransmission_is_applied_once(cp: Slice) -> None:
     assert first.ima_ops == 1
     assert again.ima_ops == 0
     assert cp.nves["nve1"].counters["replays"] == 1
+
+
+async def test_vn_delete_is_refused_while_a_vnic_without_addresses_is_connected(
+    cp: Slice,
+) -> None:
+    assert cp.client is not None
+    green = VnRef(alias="green")
+    await cp.client.create("green")
+    hv1 = await cp.agent("hv1", "nve1")
+    await hv1.connect(vnic("g"), "eth0", green)  # connected, no address yet
+    with pytest.raises(ImaError) as refused:
+        await cp.client.delete(green)
+    assert refused.value.reply.code == ErrorCode.VN_IN_USE
+    assert "nve1" in refused.value.reply.reason
+    await hv1.disconnect(vnic("g"), green)  # the last VNIC left: the attachment goes
+    await cp.client.delete(green)
+
+
+async def test_a_deleted_vn_is_forgotten_by_nves_and_can_be_created_again(cp: Slice) -> None:
+    assert cp.client is not None
+    green = VnRef(alias="green")
+    first = await cp.client.create("green")
+    hv1 = await cp.agent("hv1", "nve1")
+    await hv1.connect(vnic("g"), "eth0", green)  # nve1 resolves and caches "green"
+    await hv1.disconnect(vnic("g"), green)
+    await cp.client.delete(green)
+    nve1 = cp.nves["nve1"]
+    await cp.wait("nve1", lambda: nve1.counters["vns_forgotten"] == 1)
+    with pytest.raises(AgentError) as unknown:
+        await hv1.connect(vnic("g"), "eth0", green)
+    assert unknown.value.code == ErrorCode.UNKNOWN_VN
+    second = await cp.client.create("green")
+    assert second.vn.name != first.vn.name
+    result = await hv1.connect(vnic("g"), "eth0", green)
+    assert result.vn_name == second.vn.name  # not the deleted VN's cached record

@@ -103,7 +103,8 @@ async def test_nve_restart_is_resynced_from_agents(cp: Slice) -> None:
     result = await converged(cp, ["hv1", "hv3"])
     assert result["stale"] == 0
     assert hv1.counters["nve_restarts_seen"] == 1
-    assert cp.nves["nve1"].counters["ima_ops.hv_sync"] == 8  # the diff from empty, no more
+    # The diff from empty, no more: 8 bindings and the VN attachment.
+    assert cp.nves["nve1"].counters["ima_ops.hv_sync"] == 9
 
 
 async def test_agent_restart_resends_state_and_changes_nothing(cp: Slice) -> None:
