@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -26,12 +25,14 @@ from nats.errors import SlowConsumerError
 from ima.keys import KeyLayout
 from ima.mobility import MobilityPolicy
 from ima.registry import VnRegistry
-from ima.store import EtcdStore, KeyMissing, LeaseLost, ModRevisionEquals, Put, StoreError
+from ima.store import EtcdStore, LeaseLost, StoreError
+from nve import warm_state
 from nve.core import NveCore, Timers
 from nve.effects import BindIp, BindMac, Effect, StartWatch, StopWatch, UnbindIp, UnbindMac
-from nve.follower import VnFollower, decode_binding
+from nve.follower import VnFollower
 from nve.mirror import PrefixMirror
 from nve.ratelimit import RateLimiter
+from nve.registration import Superseded, register
 from nve.remote import Binding
 from nve.resolver import VnResolver
 from nve.writer import ImaWriter, WriteClaim, WriteDelete, WriteOp, WritePut, WriteReport
@@ -52,8 +53,6 @@ from schemas.wire import decode_hypervisor, decode_model, dumps
 _log = logging.getLogger(__name__)
 
 
-class Superseded(RuntimeError):
-    """A newer incarnation of this NVE is registered: this one must stop (fencing)."""
 
 
 @dataclass(frozen=True)
@@ -89,13 +88,6 @@ def _json(model: Any) -> bytes:
 
 def _ignore(key: str, value: bytes, revision: int) -> None:
     del key, value, revision
-
-
-def _record_epoch(value: bytes) -> int:
-    try:
-        return NveRecord.model_validate_json(value).epoch
-    except ValueError:
-        return 0  # unreadable: treat as the oldest
 
 
 class NveService:
@@ -180,43 +172,14 @@ class NveService:
                     await asyncio.shield(self.store.revoke_lease(self.lease_id))
 
     async def _take_lease(self) -> None:
-        """Register this incarnation, unless a newer one of the same NVE already is.
-
-        The record is written with compare-and-swap on what we read, so two
-        incarnations racing cannot both win; a newer epoch means we are the old
-        process (paused past our lease, or started twice) and must stop.  An older
-        one is a crashed predecessor: its lease is revoked, which withdraws all it
-        left behind at once instead of after the lease TTL.
-        """
+        """Register this incarnation under a new lease (``nve.registration``)."""
         cfg = self.config
-        key = self.layout.nve(cfg.nve_id)
         self.lease_id = await self.store.grant_lease(cfg.lease_ttl)
         record = NveRecord(
             nve=cfg.nve_id, underlay=cfg.underlay, epoch=self.epoch, started_ns=time.time_ns()
         )
-        while True:
-            current = await self.store.get(key)
-            if current is not None:
-                held = _record_epoch(current.value)
-                if held > self.epoch:
-                    with contextlib.suppress(StoreError):
-                        await self.store.revoke_lease(self.lease_id)
-                    raise Superseded(f"NVE {cfg.nve_id}: incarnation {held} is registered, "
-                                     f"newer than this one ({self.epoch}); stopping")
-                if held < self.epoch and current.lease and current.lease != self.lease_id:
-                    # Our predecessor crashed (or is a zombie): everything it held goes
-                    # now, not when its lease would expire; the agents' resync brings
-                    # back what still exists.
-                    with contextlib.suppress(StoreError):
-                        await self.store.revoke_lease(current.lease)
-                    self.counters["predecessor_leases_revoked"] += 1
-                    continue
-            compare = (KeyMissing(key) if current is None
-                       else ModRevisionEquals(key, current.mod_revision))
-            result = await self.store.txn([compare], [Put(key, _json(record),
-                                                          lease=self.lease_id)])
-            if result.succeeded:
-                break
+        await register(self.store, self.layout.nve(cfg.nve_id), record, self.lease_id,
+                       self.counters)
         self.writer.new_lease(self.lease_id)
 
     async def _retake_lease(self) -> None:
@@ -467,39 +430,19 @@ class NveService:
                 self._changed.set()
 
     def _save_warm_state(self) -> None:
-        """Save the remote tables and their revisions for a warm restart [issue 4]."""
+        if self.config.state_file:
+            warm_state.save(self.config.state_file, self.config.nve_id, self.core.remote)
+
+    def _load_warm_state(self) -> warm_state.Saved:
         path = self.config.state_file
         if not path:
-            return
-        state = {
-            vn: {"revision": r.revision,
-                 "entries": {k: b.model_dump(mode="json") for k, b in r.entries.items()}}
-            for vn, r in self.core.remote.vns.items() if r.revision
-        }
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(orjson.dumps({"v": 1, "nve": self.config.nve_id, "remote": state}))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic: a crash mid-write leaves the old file
-
-    def _load_warm_state(self) -> dict[str, tuple[int, list[tuple[str, Binding]]]]:
-        path = self.config.state_file
-        if not path or not os.path.exists(path):
             return {}
         try:
-            with open(path, "rb") as fh:
-                data = orjson.loads(fh.read())
-            out: dict[str, tuple[int, list[tuple[str, Binding]]]] = {}
-            for vn, saved in data["remote"].items():
-                items = [(entry, decode_binding(entry.partition("/")[0], orjson.dumps(b)))
-                         for entry, b in saved["entries"].items()]
-                out[vn] = (int(saved["revision"]), items)
+            return warm_state.load(path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.counters["warm_state_unreadable"] += 1
             _log.warning("NVE %s: ignoring warm state %s (%s)", self.config.nve_id, path, exc)
             return {}
-        return out
 
     def _stop_follower(self, vn: str) -> None:
         task = self._followers.pop(vn, None)

@@ -21,8 +21,9 @@ import pytest
 
 from agents.agent import HypervisorAgent
 from agents.service import AgentService
+from nve.registration import Superseded
 from nve.remote import RemoteTable
-from nve.service import NveConfig, NveService, Superseded
+from nve.service import NveConfig, NveService
 from nve.writer import ImaWriter, WritePut
 from schemas.messages import AddressEntry, VnRef
 from schemas.records import MacBinding
