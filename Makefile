@@ -4,12 +4,30 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test chaos bench lint typecheck check clean
+.PHONY: demo test chaos bench lint typecheck check clean sysdeps
+
+# The `libvirt` extra (libvirt-python, for `nvo3 agent run --libvirt`) compiles
+# against the system libvirt: it needs gcc, pkg-config and libvirt's headers.
+# Debian's libvirt-dev brings libvirt0, whose in-process test:///default driver
+# the tests use (no libvirtd). Installed with apt-get when missing; fails otherwise.
+SYSDEPS := gcc pkg-config libvirt-dev
+APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSDEPS)
+
+sysdeps:
+	@if command -v gcc >/dev/null && pkg-config --exists libvirt 2>/dev/null; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+	  echo "error: libvirt-python needs $(SYSDEPS) (gcc, pkg-config, libvirt headers);" \
+	       "apt-get is not available: install them by hand, then run make again" >&2; exit 1; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	echo "installing $(SYSDEPS) with apt-get"; \
+	$$SUDO env $(APT) || { $$SUDO apt-get update -q && $$SUDO env $(APT); } || { \
+	  echo "error: apt-get could not install $(SYSDEPS)" >&2; exit 1; }
 
 $(STAMP): pyproject.toml
+	$(MAKE) --no-print-directory sysdeps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,libvirt]'
 	touch $(STAMP)
 
 demo: $(STAMP)
