@@ -17,8 +17,12 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1
 COPY --from=build /wheels /wheels
+# /pki is where compose.yaml mounts the named volume `pki`: an empty volume takes
+# the owner and mode of its mount point from the image, so the `pki` job (this
+# user) can write the credentials there; the server images read them as root.
 RUN pip install /wheels/*.whl && rm -rf /wheels \
- && useradd --system --uid 10001 --no-create-home --home-dir /nonexistent nvo3
+ && useradd --system --uid 10001 --no-create-home --home-dir /nonexistent nvo3 \
+ && mkdir -m 0700 /pki && chown nvo3 /pki
 USER nvo3
 WORKDIR /tmp
 CMD ["nvo3", "--help"]

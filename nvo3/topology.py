@@ -17,14 +17,21 @@ nvo3 processes::
         vnics: []
 
 The servers come from :mod:`nvo3.servers` (free loopback ports, fresh data
-dirs); the nvo3 processes are the same commands compose.yaml runs.
+dirs); the nvo3 processes are the same commands compose.yaml runs.  Unless
+``nvo3 up --insecure``, the stack is secured as compose.yaml is: credentials
+for every NVE and hypervisor (:func:`nvo3.security.secure_stack`) in
+``<work>/pki``, TLS and NKeys on NATS, TLS and RBAC on etcd, and
+``NVO3_CREDS`` for every nvo3 process.
 
 A **compose file** (``compose.yaml``) is run service by service as local
 processes: :class:`ComposeRewriter` maps every service name (and 0.0.0.0,
 127.0.0.1, localhost inside a service) to 127.0.0.1 and every container port
 to a free loopback port, in commands, environment values, health checks and
-bind-mounted files; named volumes and bind mounts become directories under the
-work dir.  Nothing else is changed, so what runs here is what compose runs.
+bind-mounted files.  Each service sees its mounts under
+``<work>/mounts/<service>/<container path>`` (a named volume is a symlink there to
+``<work>/volumes/<name>``, shared by every service that mounts it), so a relative
+path between two mounts, such as an ``include`` in a config file, resolves as in
+the container.  Nothing else is changed, so what runs here is what compose runs.
 Keys whose meaning a local run cannot honour are refused rather than ignored.
 Differences, all about timing: a health test is retried every 0.5 s instead of
 every ``interval`` (``retries`` and ``start_period`` are replaced by one start
@@ -50,6 +57,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from agents.inventory import Inventory, load_inventory
+from nvo3.security import Credentials, secure_stack
 from nvo3.servers import EtcdCluster, NatsCluster, find_binary, free_port
 from nvo3.up import (
     HEALTH_TIMEOUT,
@@ -76,6 +84,8 @@ _CONDITIONS: dict[str, Condition] = {
     "service_completed_successfully": "completed",
 }
 _PASS_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH")
+# What an operator exports to reach the cluster (the `ready` line of `nvo3 up`).
+_OPERATOR_ENV = ("NVO3_NATS", "NVO3_ETCD", "NVO3_CREDS")
 
 
 # ---------------------------------------------------------------------- topology files
@@ -214,6 +224,7 @@ class StartedServers:
 
     nats: NatsCluster | None = None
     etcd: EtcdCluster | None = None
+    credentials: Credentials | None = None  # secured: what every process gets as NVO3_CREDS
 
     def members(self) -> list[tuple[str, str, Any]]:
         out: list[tuple[str, str, Any]] = []
@@ -242,15 +253,29 @@ class StartedServers:
                 print(status_line(name, pid, "stopped", where), file=out, flush=True)
 
 
-def start_servers(source: Source, work: Path, out: TextIO) -> StartedServers:
-    """Start the topology's clusters (blocking until ready); compose files start their own."""
+def topology_credentials(source: TopologySource, directory: Path) -> Credentials:
+    """An identity for every NVE and hypervisor (assigned to the NVEs it uses), plus
+    ``ima``, ``op``, ``inspector`` and ``root``."""
+    hypervisors = {inv.hypervisor: _agent_nves(inv) for inv, _ in source.inventories}
+    return secure_stack(directory, hypervisors, [n.id for n in source.topology.nves])
+
+
+def start_servers(source: Source, work: Path, out: TextIO, *,
+                  secure: bool = True) -> StartedServers:
+    """Start the topology's clusters (blocking until ready); compose files start their own.
+
+    ``secure``: generate credentials into ``work/pki`` and start the servers with TLS,
+    NKey users and etcd RBAC (bootstrapped before anything else connects).
+    """
     started = StartedServers()
     if isinstance(source, ComposeSource):
         return started
     try:
-        started.nats = NatsCluster(source.topology.nats, work / "nats")
+        creds = topology_credentials(source, work / "pki") if secure else None
+        started.credentials = creds
+        started.nats = NatsCluster(source.topology.nats, work / "nats", credentials=creds)
         started.nats.start()
-        started.etcd = EtcdCluster(source.topology.etcd, work / "etcd")
+        started.etcd = EtcdCluster(source.topology.etcd, work / "etcd", credentials=creds)
         started.etcd.start()
     except BaseException:
         started.stop()
@@ -272,7 +297,8 @@ def plan(source: Source, work: Path, servers: StartedServers) -> Plan:
         return compose_plan(source.path, work, source.data)
     assert servers.nats is not None
     assert servers.etcd is not None
-    return topology_plan(source, work, servers.nats.urls, servers.etcd.endpoints)
+    creds = servers.credentials.workdir if servers.credentials is not None else None
+    return topology_plan(source, work, servers.nats.urls, servers.etcd.endpoints, creds)
 
 
 def local_argv(argv: Sequence[str]) -> list[str]:
@@ -328,10 +354,14 @@ def _relative(path: Path) -> str:
 
 
 def topology_plan(
-    source: TopologySource, work: Path, nats_urls: Sequence[str], etcd_endpoints: Sequence[str]
+    source: TopologySource, work: Path, nats_urls: Sequence[str], etcd_endpoints: Sequence[str],
+    credentials: Path | None = None,
 ) -> Plan:
+    """``credentials``: the directory every process gets as ``NVO3_CREDS`` (secured)."""
     t = source.topology
     endpoints = {"NVO3_NATS": ",".join(nats_urls), "NVO3_ETCD": ",".join(etcd_endpoints)}
+    if credentials is not None:
+        endpoints["NVO3_CREDS"] = str(credentials)
     env = {**base_env(write_shims(work / "bin")), **endpoints}
     procs: list[ProcSpec] = []
 
@@ -507,22 +537,42 @@ class _Rewrite:
         return self.rw.text(text, self.service, self.mounts)
 
 
-def _etcd_leader_check(argv: Sequence[str]) -> Callable[[], bool] | None:
-    url = None
+def _etcd_setting(argv: Sequence[str], env: Mapping[str, str], flag: str) -> str | None:
+    """An etcd flag's value: ``--flag=v`` / ``--flag v``, or its ``ETCD_FLAG`` variable."""
     for i, arg in enumerate(argv):
-        if arg.startswith("--listen-client-urls="):
-            url = arg.split("=", 1)[1]
-        elif arg == "--listen-client-urls" and i + 1 < len(argv):
-            url = argv[i + 1]
+        if arg.startswith(f"--{flag}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{flag}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return env.get("ETCD_" + flag.upper().replace("-", "_"))
+
+
+def _etcd_leader_check(argv: Sequence[str],
+                       env: Mapping[str, str]) -> Callable[[], bool] | None:
+    """Asks the member's HTTP gateway whether it leads (the supervisor stops it last).
+
+    With TLS the member's ``--trusted-ca-file`` must sit in a credentials directory
+    (``nvo3 pki init``): the probe presents its CN-less certificate, the only kind the
+    gateway of an RBAC-enabled etcd answers.  It is read when asked, because the
+    directory is written by a job that runs after this plan is made.
+    """
+    url = _etcd_setting(argv, env, "listen-client-urls")
     if url is None:
         return None
     status_url = url.split(",")[0].rstrip("/") + "/v3/maintenance/status"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    ca_file = _etcd_setting(argv, env, "trusted-ca-file")
+
+    def opener() -> urllib.request.OpenerDirector:
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if status_url.startswith("https://") and ca_file is not None:
+            context = Credentials.load(Path(ca_file).parent).probe_context()
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        return urllib.request.build_opener(*handlers)
 
     def is_leader() -> bool:
         request = urllib.request.Request(status_url, data=b"{}",
                                          headers={"Content-Type": "application/json"})
-        with opener.open(request, timeout=0.5) as response:
+        with opener().open(request, timeout=0.5) as response:
             status = json.loads(response.read())
         header = status.get("header", {})
         return bool(status.get("leader")) and status.get("leader") == header.get("member_id")
@@ -564,15 +614,20 @@ def compose_plan(path: Path, work: Path, data: Mapping[str, Any] | None = None,
         binds: list[tuple[Path, Path]] = []
         for entry in svc.get("volumes") or []:
             source, target = _volume(entry)
+            # The service's view: each mount at its container path under its own root.
+            local = work / "mounts" / name / target.strip("/")
             if source.startswith((".", "/", "~")):
                 host = (path.parent / Path(source).expanduser()).resolve()
-                local = work / "mounts" / name / target.strip("/").replace("/", "_")
                 binds.append((host, local))
             else:
                 if source not in declared:
                     raise UpError(f"service {name}: volume {source!r} is not declared")
-                local = work / "volumes" / source
-                local.mkdir(parents=True, exist_ok=True)
+                volume = work / "volumes" / source
+                volume.mkdir(parents=True, exist_ok=True)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                if not local.is_symlink():
+                    local.symlink_to(volume, target_is_directory=True)
+                local = volume
             mounts[target] = local
         # Mounted files are rewritten like the command: a config file names
         # addresses (listen: 0.0.0.0:4222) and mount paths (store_dir: /data/...).
@@ -582,14 +637,15 @@ def compose_plan(path: Path, work: Path, data: Mapping[str, Any] | None = None,
         env = {k: rw.text(v, name, mounts) for k, v in _environment(svc.get("environment")).items()}
         full_env = {**env0, **env}
         if Path(command[0]).name == "nvo3" and not endpoints:
-            endpoints = {k: v for k, v in env.items() if k in ("NVO3_NATS", "NVO3_ETCD")}
+            endpoints = {k: v for k, v in env.items() if k in _OPERATOR_ENV}
         argv = local_argv(command)
         oneshot = name in awaited
         procs.append(ProcSpec(
             name=name, argv=argv, role=_role(command, oneshot), env=full_env,
             health=_compose_health(svc.get("healthcheck"), name, rw, mounts, full_env),
             depends_on=deps[name], oneshot=oneshot,
-            is_leader=_etcd_leader_check(argv) if Path(command[0]).name == "etcd" else None,
+            is_leader=(_etcd_leader_check(argv, full_env) if Path(command[0]).name == "etcd"
+                       else None),
         ))
         procs[-1].detail = shlex.join(_command(svc["command"])) if command[0] == "nvo3" else ""
     for proc in procs:

@@ -10,12 +10,17 @@ its own pid.
 
 Status lines look like this::
 
-    nvo3 up: deploy/topology.yaml (logs in /tmp/nvo3-up-1a2b/logs)
+    nvo3 up: deploy/topology.yaml (TLS + NKeys + etcd RBAC; logs in /tmp/nvo3-up-1a2b/logs)
       nats1        pid 4101     ready        nats://127.0.0.1:40123
       nve1         pid 4120     ready        nvo3 nve run --id nve1 --underlay 192.0.2.1
       vn-blue      pid 4117     done         nvo3 vn create blue --service l2
     ready: 3 nats, 3 etcd, 2 ima, 2 job, 2 nve, 4 agent
-    NVO3_NATS=nats://127.0.0.1:40123,... NVO3_ETCD=127.0.0.1:40201,...
+    NVO3_NATS=nats://127.0.0.1:40123,... NVO3_ETCD=127.0.0.1:40201,... NVO3_CREDS=/tmp/...
+
+A topology file runs secured by default (TLS, one NKey identity per process, etcd
+RBAC; credentials generated into the work dir, ``NVO3_CREDS``); ``--insecure`` runs
+the plain stack.  A compose file is run as it is written: compose.yaml secures itself
+with its ``pki`` and ``etcd-rbac`` jobs.
 
 After ``ready`` a line is printed whenever a process exits.  On SIGTERM or
 Ctrl-C every process is stopped (agents first, servers last) and the exit
@@ -313,7 +318,9 @@ def _safe(check: Callable[[], bool]) -> bool:
 
 # ---------------------------------------------------------------------- the CLI
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``nvo3 up FILE`` and ``nvo3 asyncapi export PATH`` (called by nvo3/cli.py)."""
+    """``nvo3 up FILE``, ``nvo3 pki …`` and ``nvo3 asyncapi export PATH`` (for nvo3/cli.py)."""
+    from nvo3 import pki_commands
+
     up = sub.add_parser("up", help="run a cluster from a topology or compose file until Ctrl-C")
     up.add_argument("file", type=Path,
                     help="a topology file (deploy/topology.yaml) or a compose file (compose.yaml)")
@@ -321,6 +328,10 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                     help="keep data and logs here (default: a temporary dir, removed at exit)")
     up.add_argument("--timeout", type=float, default=START_TIMEOUT,
                     help="seconds to wait for every process to be ready")
+    up.add_argument("--insecure", action="store_true",
+                    help="topology files: no TLS, NKeys or etcd RBAC (debugging only); "
+                         "a compose file sets up its own security")
+    pki_commands.add_subcommands(sub)
     asyncapi = sub.add_parser("asyncapi", help="AsyncAPI 3 document of every NATS subject")
     asyncapi.add_argument("action", choices=("export",))
     asyncapi.add_argument("path", type=Path, help="where to write it, e.g. docs/asyncapi.yaml")
@@ -329,12 +340,17 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_subcommand(args: argparse.Namespace) -> int:
+    if args.command == "pki":
+        from nvo3 import pki_commands
+
+        return pki_commands.run(args)
     if args.command == "asyncapi":
         from schemas.asyncapi import export_asyncapi
 
         print(export_asyncapi(args.path, args.schema_dir))
         return EXIT_OK
-    return run_up(args.file, workdir=args.workdir, start_timeout=args.timeout)
+    return run_up(args.file, workdir=args.workdir, start_timeout=args.timeout,
+                  insecure=args.insecure)
 
 
 # ---------------------------------------------------------------------- nvo3 up
@@ -354,7 +370,8 @@ def _stop_on_signals(event: threading.Event) -> Iterator[None]:
 
 
 def run_up(path: Path, *, workdir: Path | None = None, start_timeout: float = START_TIMEOUT,
-           out: TextIO = sys.stdout) -> int:
+           out: TextIO = sys.stdout, insecure: bool = False) -> int:
+    """``insecure`` applies to topology files; a compose file's own services secure it."""
     from nvo3 import topology
 
     try:
@@ -362,17 +379,23 @@ def run_up(path: Path, *, workdir: Path | None = None, start_timeout: float = ST
     except (OSError, ValueError) as exc:
         print(f"nvo3 up: {path}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if insecure and isinstance(source, topology.ComposeSource):
+        print(f"nvo3 up: {path}: --insecure is for topology files; a compose file runs as "
+              "it is written", file=sys.stderr)
+        return EXIT_USAGE
     own_workdir = workdir is None
     work = Path(tempfile.mkdtemp(prefix="nvo3-up-")) if workdir is None else workdir
     work.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
-    print(f"nvo3 up: {path} (logs in {work / 'logs'})", file=out, flush=True)
+    mode = "" if isinstance(source, topology.ComposeSource) else (
+        "INSECURE (--insecure); " if insecure else "TLS + NKeys + etcd RBAC; ")
+    print(f"nvo3 up: {path} ({mode}logs in {work / 'logs'})", file=out, flush=True)
     servers: topology.StartedServers | None = None
     supervisor: Supervisor | None = None
     code = EXIT_OK
     with _stop_on_signals(stop):
         try:
-            servers = topology.start_servers(source, work, out)
+            servers = topology.start_servers(source, work, out, secure=not insecure)
             plan = topology.plan(source, work, servers)
             supervisor = Supervisor(plan.procs, work / "logs", out, start_timeout=start_timeout,
                                     stop_requested=stop)

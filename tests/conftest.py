@@ -2,6 +2,9 @@
 
 Starting servers per test would dominate the runtime, so tests share one stack and keep
 out of each other's way with a unique etcd key prefix and NATS subject root each.
+
+The stack is local processes unless ``NVO3_BACKEND=testcontainers`` asks for Docker
+containers of compose.yaml's images (nvo3/containers.py).
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from nvo3.containers import ContainerServers, session_servers
 from nvo3.servers import LocalServers
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[LocalServers]:
-    with LocalServers() as stack:
+def servers() -> Iterator[LocalServers | ContainerServers]:
+    with session_servers() as stack:
         yield stack
 
 

@@ -9,24 +9,32 @@ cluster membership lists) is checked for agreement here.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import orjson
 import pytest
 import yaml
+from cryptography import x509
 
 from agents.inventory import Inventory, load_inventory
+from nvo3.pki import CertificateAuthority
+from nvo3.pki_commands import hypervisors_of
+from nvo3.pki_commands import init as pki_init
+from nvo3.security import SERVER_CN, Credentials, hv_identity, nve_identity
 from nvo3.servers import find_binary
 from nvo3.topology import ComposeRewriter, Plan, compose_plan
-from nvo3.up import Supervisor, UpError
+from nvo3.up import ProcSpec, Supervisor, UpError
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -61,6 +69,10 @@ def _flag(command: list[str], flag: str) -> str:
     raise AssertionError(f"{flag} not in {command}")
 
 
+def _flags(command: list[str], flag: str) -> list[str]:
+    return [command[i + 1] for i, arg in enumerate(command[:-1]) if arg == flag]
+
+
 def _version(binary: str) -> str:
     out = subprocess.run([find_binary(binary), "--version"], capture_output=True, text=True,
                          check=True).stdout
@@ -86,6 +98,8 @@ def test_the_cluster_has_the_documented_shape() -> None:
     assert len(_services("ima run")) == 2
     assert len(_services("nve run")) == 2
     assert len(_services("agent run")) == 4
+    assert list(_services("pki init")) == ["pki"]
+    assert list(_services("pki etcd-rbac")) == ["etcd-rbac"]
     services = _compose()["services"]
     jobs = {d for svc in services.values() for d, c in (svc.get("depends_on") or {}).items()
             if c.get("condition") == "service_completed_successfully"}
@@ -109,13 +123,13 @@ def test_server_images_are_pinned_to_the_binaries_the_tests_run() -> None:
 def test_every_member_is_named_where_members_are_listed() -> None:
     etcd = _services("etcd")
     nats = _services("nats-server")
-    peers = ",".join(f"{n}=http://{n}:2380" for n in etcd)
+    peers = ",".join(f"{n}=https://{n}:2380" for n in etcd)
     for name, svc in etcd.items():
         command = svc["command"]
         assert _flag(command, "--name") == name
         assert _flag(command, "--initial-cluster") == peers
-        assert _flag(command, "--advertise-client-urls") == f"http://{name}:2379"
-        assert _flag(command, "--listen-client-urls") == "http://0.0.0.0:2379"
+        assert _flag(command, "--advertise-client-urls") == f"https://{name}:2379"
+        assert _flag(command, "--listen-client-urls") == "https://0.0.0.0:2379"
         assert f"{name}-data:" in " ".join(svc["volumes"]), "one named volume per member"
     config = (ROOT / "deploy/nats/nats.conf").read_text()
     routes = re.findall(r"nats://(\w+):6222", config)
@@ -132,6 +146,76 @@ def test_every_member_is_named_where_members_are_listed() -> None:
         if svc["command"][0] == "nvo3":
             assert svc["environment"]["NVO3_NATS"] == want_nats, name
             assert svc["environment"]["NVO3_ETCD"] == want_etcd, name
+
+
+# ---------------------------------------------------------------------- security
+PKI = "/pki"
+
+
+def test_every_server_and_process_is_secured() -> None:
+    """TLS on every listener, client certificates required, one identity per process."""
+    services = _compose()["services"]
+    for name, svc in services.items():
+        mounts = [v for v in svc.get("volumes", []) if v.split(":")[0] == "pki"]
+        want = f"pki:{PKI}" if name == "pki" else f"pki:{PKI}:ro"
+        assert mounts == [want], f"{name} mounts the credentials volume as {mounts}"
+        if svc["command"][0] == "nvo3":
+            assert svc["environment"]["NVO3_CREDS"] == PKI, name
+    for name, svc in _services("etcd").items():
+        command, env = svc["command"], svc["environment"]
+        for flag in ("--listen-client-urls", "--advertise-client-urls", "--listen-peer-urls",
+                     "--initial-advertise-peer-urls"):
+            assert _flag(command, flag).startswith("https://"), (name, flag)
+        assert env["ETCD_CLIENT_CERT_AUTH"] == env["ETCD_PEER_CLIENT_CERT_AUTH"] == "true"
+        assert env["ETCD_TRUSTED_CA_FILE"] == env["ETCD_PEER_TRUSTED_CA_FILE"] == f"{PKI}/ca.pem"
+        assert env["ETCD_CERT_FILE"] == env["ETCD_PEER_CERT_FILE"] == f"{PKI}/server.pem"
+        assert env["ETCD_PEER_CERT_ALLOWED_CN"] == SERVER_CN
+        assert svc["depends_on"] == {"pki": {"condition": "service_completed_successfully"}}
+        # The health check reads as the read-only inspector.
+        assert f"--cert={PKI}/inspector.pem" in svc["healthcheck"]["test"]
+    for svc in _services("nats-server").values():
+        assert svc["depends_on"] == {"pki": {"condition": "service_completed_successfully"}}
+    # Nothing talks to etcd before its roles exist and auth is on.
+    for kind in ("ima run", "nve run"):
+        for name, svc in _services(kind).items():
+            assert svc["depends_on"]["etcd-rbac"] == {
+                "condition": "service_completed_successfully"}, name
+    assert set(services["etcd-rbac"]["depends_on"]) == set(_services("etcd"))
+
+
+def test_the_pki_job_names_every_server_nve_and_hypervisor() -> None:
+    command = _compose()["services"]["pki"]["command"]
+    assert command[3] == PKI
+    hosts = set(_flags(command, "--server-host"))
+    assert hosts == set(_services("etcd")) | set(_services("nats-server"))
+    nves = {_flag(svc["command"], "--id") for svc in _services("nve run").values()}
+    assert set(_flags(command, "--nve")) == nves
+    # The inventories it reads are the agents' own (same host directory).
+    pki_mounts = dict(v.split(":")[1::-1] for v in _compose()["services"]["pki"]["volumes"])
+    sources = [ROOT / pki_mounts[path] for path in _flags(command, "--inventory")]
+    assigned = hypervisors_of(sources)
+    for svc in _services("agent run").values():
+        inventory = _inventory(svc)
+        assert assigned[inventory.hypervisor] == (inventory.nve,)
+
+
+def test_nats_config_requires_tls_nkeys_and_server_routes() -> None:
+    config = (ROOT / "deploy/nats/nats.conf").read_text()
+    client_tls, cluster = config.split("\ncluster {")
+    assert re.search(r"^tls \{[^}]*\bverify: true", client_tls, re.M)
+    assert f"cert_file: {PKI}/server.pem" in client_tls
+    # The users (NKeys and permissions) are generated into the volume.
+    include = re.search(r'^include "([^"]+)"', client_tls, re.M)
+    assert include
+    assert (Path("/etc/nats") / include.group(1)).resolve() == Path(PKI) / "nats-users.conf"
+    # A route must present the servers' certificate: its subject is the route user.
+    assert re.search(r"\bverify_and_map: true", cluster)
+    route_user = re.search(r'authorization \{ user: "([^"]+)" \}', cluster)
+    assert route_user
+    issued = CertificateAuthority.generate().issue_server(SERVER_CN)
+    subject = x509.load_pem_x509_certificate(issued.cert_pem).subject.rfc4514_string()
+    assert route_user.group(1) == subject
+    assert re.search(r"^\s*no_advertise: true", cluster, re.M)
 
 
 def test_agents_and_nves_agree() -> None:
@@ -162,6 +246,11 @@ def test_dockerfile_builds_the_image_compose_runs() -> None:
     assert froms
     assert all(re.fullmatch(r"python:3\.11-slim-\w+", f) for f in froms), froms
     assert any("pip install" in line for line in lines)
+    # The pki job writes as the image's user into the empty volume at /pki, which
+    # takes its owner from the image's mount point.
+    assert re.search(rf"mkdir -m 0700 {PKI} && chown nvo3 {PKI}\b", dockerfile)
+    assert lines[[i for i, line in enumerate(lines) if line.startswith("USER")][-1]] == (
+        "USER nvo3")
     for svc in _compose()["services"].values():
         if svc["command"][0] == "nvo3":
             assert svc["build"] == "."
@@ -202,19 +291,72 @@ def test_keys_a_local_run_cannot_honour_are_refused(tmp_path: Path) -> None:
         compose_plan(COMPOSE, tmp_path, data)
 
 
+def _run_job(proc: ProcSpec) -> str:
+    done = subprocess.run(proc.argv, env=proc.env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_nats_config_as_rewritten_is_valid(tmp_path: Path) -> None:
+    """Once the pki job has written the NATS users the config includes."""
     plan = compose_plan(COMPOSE, tmp_path)
+    procs = {p.name: p for p in plan.procs}
+    _run_job(procs["pki"])
     for proc in plan.procs:
         if proc.role == "nats":
             done = subprocess.run([*proc.argv, "-t"], capture_output=True, text=True, check=False)
             assert done.returncode == 0, done.stderr
 
 
+def test_pki_job_keeps_credentials_and_adds_new_hypervisors(tmp_path: Path) -> None:
+    plan = compose_plan(COMPOSE, tmp_path)
+    pki = {p.name: p for p in plan.procs}["pki"]
+    _run_job(pki)
+    creds_dir = Path(plan.env["NVO3_CREDS"])
+    creds = Credentials.load(creds_dir)
+    assert set(creds.identities) == {
+        *(hv_identity(f"hv{i}") for i in range(1, 5)), nve_identity("nve1"),
+        nve_identity("nve2"), "ima", "op", "inspector", "root"}
+    cert = x509.load_pem_x509_certificate(creds.server_cert_file.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"etcd1", "nats3", "localhost"} <= set(sans.get_values_for_type(x509.DNSName))
+    ca_before = creds.ca_file.read_bytes()
+    users = (creds_dir / "nats-users.conf").read_text()
+    assert users.count("nkey:") == 8  # hv1..hv4, nve1, nve2, ima, op
+    # A rerun (every `docker compose up`) keeps what exists...
+    assert "nothing to add" in _run_job(pki)
+    assert creds.ca_file.read_bytes() == ca_before
+    # ... and a new hypervisor's inventory gets an identity and a NATS user.
+    inventories = pki.argv[pki.argv.index("--inventory") + 1]
+    (Path(inventories) / "hv9.yaml").write_text("hypervisor: hv9\nnve: nve2\n")
+    assert "added hv9" in _run_job(pki)
+    assert Credentials.load(creds_dir).hypervisors["hv9"] == ("nve2",)
+    assert (creds_dir / "nats-users.conf").read_text().count("nkey:") == 9
+    assert creds.ca_file.read_bytes() == ca_before
+
+
+def test_pki_init_refuses_a_hypervisor_on_an_unknown_nve(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inventories = ROOT / "deploy" / "inventories"
+    assert pki_init(tmp_path / "pki", ["nve1"], [inventories], []) == 2
+    assert "hypervisor hv3 uses NVE(s) nve2, which are not given with --nve" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "pki").exists()
+
+
 # ---------------------------------------------------------------------- the cluster, running
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Plan, Supervisor]]:
+def rewriter() -> ComposeRewriter:
+    """The cluster's address map: which loopback port each (service, port) got."""
+    return ComposeRewriter(list(_compose()["services"]))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory,
+            rewriter: ComposeRewriter) -> Iterator[tuple[Plan, Supervisor]]:
     work = tmp_path_factory.mktemp("compose")
-    plan = compose_plan(COMPOSE, work)
+    plan = compose_plan(COMPOSE, work, rewriter=rewriter)
     log = (work / "status.log").open("w")
     supervisor = Supervisor(plan.procs, work / "logs", log, start_timeout=START_BUDGET)
     started = time.monotonic()
@@ -285,6 +427,61 @@ def test_vns_and_inventories_are_applied(cluster: tuple[Plan, Supervisor]) -> No
             time.sleep(0.2)
             tables = nvo3(plan, "nve", "tables", nve)
         assert expected <= remote_macs
+
+
+def _connz(rw: ComposeRewriter, server: str) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{rw.port(server, 8222)}/connz?auth=1&limit=1024"
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5) as r:
+        connections: list[dict[str, Any]] = orjson.loads(r.read())["connections"] or []
+    return connections
+
+
+async def _nats_connect(url: str, **options: Any) -> None:
+    nc = await nats.connect(servers=[url], allow_reconnect=False, connect_timeout=2,
+                            max_reconnect_attempts=0, **options)
+    await nc.close()
+
+
+@pytest.mark.integration
+def test_the_running_cluster_is_secured(cluster: tuple[Plan, Supervisor],
+                                        rewriter: ComposeRewriter) -> None:
+    """Each process holds its own NKey over TLS; plaintext and identity-less clients are
+    refused; etcdctl as the inspector reads the IMA and cannot write it."""
+    plan, _ = cluster
+    creds = Credentials.load(plan.env["NVO3_CREDS"])
+    by_nkey = {i.nkey_public: name for name, i in creds.identities.items() if i.nkey_public}
+    seen: dict[str, int] = {}
+    for server in _services("nats-server"):
+        for conn in _connz(rewriter, server):
+            if not conn.get("authorized_user"):
+                continue  # a health probe still in its handshake
+            assert conn.get("tls_version"), conn
+            who = by_nkey[conn["authorized_user"]]
+            seen[who] = seen.get(who, 0) + 1
+    # Both IMA replicas as `ima`, each NVE and agent as itself (the health checks as op).
+    assert seen["ima"] == 2
+    assert {name for name in seen if name != "op"} == {
+        "ima", nve_identity("nve1"), nve_identity("nve2"),
+        *(hv_identity(f"hv{i}") for i in range(1, 5))}
+    url = plan.env["NVO3_NATS"].split(",")[0]
+    with pytest.raises(Exception, match=r"(?i)tls|ssl|no servers"):
+        asyncio.run(_nats_connect(url))
+    inspector = creds.identity("inspector")  # a valid certificate, but no NATS user
+    with pytest.raises(Exception, match=r"(?i)authorization"):
+        asyncio.run(_nats_connect(url, tls=inspector.nats_tls()))
+    endpoints = ",".join(f"https://{e}" for e in plan.env["NVO3_ETCD"].split(","))
+    etcdctl = [find_binary("etcdctl"), f"--endpoints={endpoints}", *inspector.etcdctl_flags()]
+    keys = subprocess.run([*etcdctl, "get", "--prefix", "/nvo3/vn/alias/", "--keys-only"],
+                          capture_output=True, text=True, timeout=30, check=True).stdout.split()
+    assert keys == ["/nvo3/vn/alias/blue", "/nvo3/vn/alias/red"]
+    put = subprocess.run([*etcdctl, "put", "/nvo3/vn/alias/evil", "{}"], capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert put.returncode != 0
+    assert "permission denied" in put.stderr
+    plain = subprocess.run([find_binary("etcdctl"), "--endpoints=" + endpoints.replace(
+        "https://", "http://"), "--dial-timeout=2s", "--command-timeout=3s", "get", "/nvo3/"],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert plain.returncode != 0
 
 
 @pytest.mark.integration

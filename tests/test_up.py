@@ -20,6 +20,8 @@ import pytest
 
 from agents.inventory import load_inventory
 from nvo3 import topology
+from nvo3.security import Credentials
+from nvo3.servers import find_binary
 from nvo3.topology import Plan, TopologySource, compose_plan, topology_plan
 from nvo3.up import ProcSpec, Supervisor, UpError
 
@@ -31,10 +33,14 @@ STOP_TIMEOUT = 30.0
 
 
 def _commands(plan: Plan) -> Counter[str]:
-    """The nvo3 commands of a plan, with each inventory path replaced by its content."""
+    """The nvo3 commands of a plan, with each inventory path replaced by its content.
+
+    Without the `nvo3 pki` jobs: `nvo3 up` generates a topology's credentials and
+    bootstraps etcd RBAC itself, before it starts any process.
+    """
     out: Counter[str] = Counter()
     for proc in plan.procs:
-        if proc.argv[1:3] != ["-m", "nvo3.cli"]:
+        if proc.argv[1:3] != ["-m", "nvo3.cli"] or proc.argv[3] == "pki":
             continue
         args = proc.argv[3:]
         if "--inventory" in args:
@@ -82,6 +88,25 @@ def test_bad_topology_is_a_usage_error(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 2
     assert "nves" in done.stderr
+    # compose.yaml secures itself; --insecure cannot turn that off.
+    done = subprocess.run([sys.executable, "-m", "nvo3.cli", "up", str(COMPOSE), "--insecure"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2
+    assert "--insecure is for topology files" in done.stderr
+
+
+def test_topology_credentials_follow_the_agents(tmp_path: Path) -> None:
+    source = topology.load(TOPOLOGY)
+    assert isinstance(source, TopologySource)
+    creds = topology.topology_credentials(source, tmp_path / "pki")
+    assert creds.hypervisors == {"hv1": ("nve1",), "hv2": ("nve1",), "hv3": ("nve2",),
+                                 "hv4": ("nve2",)}
+    assert creds.nves == ("nve1", "nve2")
+    plan = topology_plan(source, tmp_path / "up", ["nats://127.0.0.1:1"], ["127.0.0.1:2"],
+                         creds.workdir)
+    assert plan.env["NVO3_CREDS"] == str(creds.workdir)
+    assert all(p.env is not None and p.env["NVO3_CREDS"] == str(creds.workdir)
+               for p in plan.procs)
 
 
 # ---------------------------------------------------------------------- the supervisor
@@ -141,9 +166,9 @@ def test_cycles_and_unknown_dependencies_are_refused(tmp_path: Path) -> None:
 class Up:
     """``nvo3 up FILE`` as a child process, its output read line by line."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *options: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nvo3.cli", "up", str(path)], cwd=ROOT,
+            [sys.executable, "-m", "nvo3.cli", "up", str(path), *options], cwd=ROOT,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={k: v for k, v in os.environ.items() if not k.startswith("NVO3_")},
         )
@@ -222,8 +247,10 @@ def nvo3(env: dict[str, str], *args: str) -> Any:
 
 @pytest.mark.integration
 def test_up_runs_the_topology_until_sigterm() -> None:
+    """Secured by default: TLS, NKeys and etcd RBAC, with the credentials in NVO3_CREDS."""
     up = Up(TOPOLOGY)
     try:
+        assert "TLS + NKeys + etcd RBAC" in up.until("nvo3 up:", 10)
         up.until("ready:", READY_TIMEOUT)
         env = up.env()
         pids = up.pids()
@@ -233,7 +260,21 @@ def test_up_runs_the_topology_until_sigterm() -> None:
         assert set(pids) == expected
         assert env["NVO3_NATS"].count("nats://") == 3
         assert env["NVO3_ETCD"].count(",") == 2
+        creds = Credentials.load(env["NVO3_CREDS"])
+        assert set(creds.hypervisors) == {"hv1", "hv2", "hv3", "hv4"}
         assert {v["alias"] for v in nvo3(env, "vn", "list")} == {"blue", "red"}
+        # Without the credentials the same request is refused by the servers (TLS).
+        plain = {k: v for k, v in env.items() if k != "NVO3_CREDS"}
+        etcdctl = [find_binary("etcdctl"), "--endpoints=" + env["NVO3_ETCD"],
+                   "--dial-timeout=2s", "--command-timeout=3s", "get", "/nvo3/"]
+        assert subprocess.run(etcdctl, capture_output=True, env={**os.environ, **plain},
+                              timeout=30, check=False).returncode != 0
+        inspector = [find_binary("etcdctl"), "--endpoints=" + ",".join(
+            f"https://{e}" for e in env["NVO3_ETCD"].split(",")),
+            *creds.etcdctl_flags("inspector"), "get", "--prefix", "/nvo3/vn/alias/", "--keys-only"]
+        assert subprocess.run(inspector, capture_output=True, text=True, timeout=30,
+                              check=True).stdout.split() == [
+            "/nvo3/vn/alias/blue", "/nvo3/vn/alias/red"]
         tables = nvo3(env, "nve", "tables", "nve2")
         assert {v["hypervisor"] for v in tables["vnics"].values()} == {"hv3", "hv4"}
         deadline = time.monotonic() + 10
@@ -271,10 +312,12 @@ agents:
         port: eth0
         vns: [{vn: {alias: blue}, addresses: [{mac: "02:00:00:00:09:09", ips: [10.9.0.9]}]}]
 """)
-    up = Up(path)
+    up = Up(path, "--insecure")
     try:
+        assert "INSECURE" in up.until("nvo3 up:", 10)
         up.until("ready:", READY_TIMEOUT)
         env = up.env()
+        assert "NVO3_CREDS" not in env
         pids = up.pids()
         assert set(pids) == {"nats1", "etcd1", "ima1", "vn-blue", "edge", "agent-hv9"}
         tables = nvo3(env, "nve", "tables", "edge")
