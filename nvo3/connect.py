@@ -15,20 +15,71 @@ each connection it opens with ``ep.identity(name)``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.client import Client as Nats
 
 from ima.keys import DEFAULT_ROOT, KeyLayout
-from ima.store import EtcdStore, TlsConfig
+from ima.store import EtcdStore, StoreError, TlsConfig
 from nvo3.security import Credentials, Identity
 from schemas.subjects import DEFAULT_SUBJECT_ROOT, Subjects
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
+
+_log = logging.getLogger(__name__)
+
+
+class ConnectError(Exception):
+    """A one-shot client (``persistent=False``) could not open its session.
+
+    ``refused`` is true when a server answered but would not accept us: the TLS
+    handshake failed (another CA, no or a foreign client certificate) or the server
+    refused the identity (an unknown NKey: ``Authorization Violation``; an etcd
+    certificate without an RBAC user). Otherwise nothing usable answered (connection
+    refused, timeout). ``failures`` holds one (endpoint, error) per endpoint tried.
+    """
+
+    def __init__(self, service: str, refused: bool,
+                 failures: list[tuple[str, BaseException]]) -> None:
+        self.service = service
+        self.refused = refused
+        self.failures = failures
+        verb = "refused the credentials" if refused else "did not answer"
+        detail = "; ".join(f"{where}: {_describe(exc)}" for where, exc in failures)
+        super().__init__(f"{service} {verb} ({detail})")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, nats.errors.Error) else f"{type(exc).__name__}: {text}"
+
+
+# nats-py's -ERR, gRPC's TLS failures (etcd), etcd's RBAC answer for a CN without a user
+_REFUSAL_MARKERS = ("authorization violation", "handshake failed", "certificate",
+                    "permission denied")
+
+
+class HungUp(Exception):
+    """The server spoke NATS, asked for a client certificate or credentials, and then
+    closed the connection during the handshake: with TLS 1.3 that is how a refused
+    client certificate usually shows on the client side (a reset, not an alert)."""
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """A TLS or authentication refusal, as opposed to nothing answering."""
+    if isinstance(exc, ssl.SSLError | nats.errors.AuthorizationError | HungUp):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _REFUSAL_MARKERS)
 
 
 def split_list(value: str) -> list[str]:
@@ -111,7 +162,8 @@ async def connect_nats(
     inbox_prefix: str | None = None,
     error_cb: ErrorCallback | ErrorRelay | None = None,
 ) -> Nats:
-    """Services reconnect forever; one-shot operator commands give up (exit code 3).
+    """Services reconnect forever; one-shot operator commands (``persistent=False``)
+    try each URL once and raise :class:`ConnectError` (the CLI's exit 3 or 4).
 
     ``identity`` supplies ``tls``, ``nkey_seed`` and ``inbox_prefix`` (explicit
     arguments win). On a secured server the inbox prefix must be the identity's
@@ -129,15 +181,16 @@ async def connect_nats(
         options["nkeys_seed_str"] = nkey_seed
     if inbox_prefix is not None:
         options["inbox_prefix"] = inbox_prefix
-    if isinstance(error_cb, ErrorRelay):
-        options["error_cb"] = error_cb.dispatch  # nats-py wants a coroutine function
-    elif error_cb is not None:
-        options["error_cb"] = error_cb
+    callback = error_cb.dispatch if isinstance(error_cb, ErrorRelay) else error_cb
+    if not persistent:
+        return await _connect_one_shot(list(urls), name, callback, options)
+    if callback is not None:
+        options["error_cb"] = callback  # nats-py wants a coroutine function
     return await nats.connect(
         servers=list(urls),
         name=name,
         allow_reconnect=True,
-        max_reconnect_attempts=-1 if persistent else 2,
+        max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
         connect_timeout=2,
         pending_size=64 * 1024 * 1024,
@@ -145,15 +198,100 @@ async def connect_nats(
     )
 
 
+async def _connect_one_shot(
+    urls: list[str], name: str, error_cb: ErrorCallback | None, options: dict[str, Any]
+) -> Nats:
+    """One round over ``urls``, each on its own, then :class:`ConnectError`.
+
+    nats-py's own retry loop cannot do this: after a failed TLS upgrade its
+    ``close()`` waits forever for the socket (so ``allow_reconnect=True`` hangs on a
+    wrong CA), and with ``allow_reconnect=False`` it tries only one server. Each URL
+    therefore gets its own client without reconnects (nats-py still makes two TCP
+    attempts per URL); the first that connects gets reconnects back (2 attempts, as
+    before) for the rest of the command.
+    """
+    failures: list[tuple[str, BaseException]] = []
+    seen: list[BaseException] = []
+    connected = False
+
+    async def on_error(exc: Exception) -> None:
+        if not connected:
+            seen.append(exc)  # reported once, in the ConnectError
+        elif error_cb is not None:
+            await error_cb(exc)
+        else:
+            _log.warning("nats: %s", _describe(exc))
+
+    for url in urls:
+        seen.clear()
+        nc = Nats()
+        try:
+            await nc.connect(
+                servers=[url],
+                name=name,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
+                connect_timeout=2,
+                pending_size=64 * 1024 * 1024,
+                error_cb=on_error,
+                **options,
+            )
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            await _abandon(nc)
+            errors = [*seen, exc]
+            worst = next((e for e in errors if _is_refusal(e)),
+                         next((e for e in errors if not isinstance(e, nats.errors.NoServersError)),
+                              errors[-1]))
+            info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
+            if (not _is_refusal(worst) and (info.get("tls_verify") or info.get("auth_required"))
+                    and isinstance(worst, ConnectionResetError | BrokenPipeError
+                                   | nats.errors.UnexpectedEOF)):
+                worst = HungUp(f"closed by the server during the TLS/authentication handshake "
+                               f"(client certificate refused?): {_describe(worst)}")
+            failures.append((url, worst))
+            continue
+        connected = True
+        nc.options["allow_reconnect"] = True
+        nc.options["max_reconnect_attempts"] = 2
+        nc.options["reconnect_time_wait"] = 0.25
+        return nc
+    raise ConnectError("NATS", any(_is_refusal(e) for _, e in failures), failures)
+
+
+async def _abandon(nc: Nats) -> None:
+    """Drop a client whose connect failed without ``close()``, which can hang after a
+    failed TLS upgrade; close its socket ourselves (or Python warns of a leak)."""
+    transport = getattr(nc, "_transport", None)
+    if transport is None:
+        return
+    transport.close()
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(0.2):
+            await transport.wait_closed()
+
+
 async def open_store(
     endpoints: tuple[str, ...] | list[str],
     *,
     identity: Identity | None = None,
     tls: TlsConfig | None = None,
+    persistent: bool = True,
 ) -> EtcdStore:
-    """``identity`` (or ``tls``): client certificate whose CN is the etcd RBAC user."""
+    """``identity`` (or ``tls``): client certificate whose CN is the etcd RBAC user.
+
+    ``persistent=False`` (one-shot commands): a failed connect raises
+    :class:`ConnectError` instead of the ``StoreError``, with ``refused`` set when
+    etcd refused the TLS handshake or the certificate's user.
+    """
     if tls is None and identity is not None:
         tls = identity.etcd_tls()
     store = EtcdStore(list(endpoints), tls=tls)
-    await store.connect()
+    try:
+        await store.connect()
+    except StoreError as exc:
+        if persistent:
+            raise
+        where = ",".join(endpoints)
+        raise ConnectError("etcd", _is_refusal(exc), [(where, exc)]) from exc
     return store

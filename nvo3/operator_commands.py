@@ -156,7 +156,7 @@ async def check_command(args: argparse.Namespace) -> int:
     from nvo3.connect import open_store
 
     async with _operator(args, "nvo3-check") as (ep, nc):
-        store = await open_store(ep.etcd, identity=ep.identity("op"))
+        store = await open_store(ep.etcd, identity=ep.identity("op"), persistent=False)
         try:
             agents = [a for a in (args.agents or "").split(",") if a]
             report = await gather_and_check(nc, store, ep, agents)

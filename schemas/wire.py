@@ -7,6 +7,7 @@ then field validation.  Nothing is applied before all of it passes.
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypeVar
 
 import orjson
@@ -17,6 +18,9 @@ from schemas.errors import BadMessage, ErrorCode, ProtocolError
 from schemas.messages import HYPERVISOR_KINDS, HypervisorMessage, Reply
 
 MAX_PAYLOAD = 1 << 20  # nats-server's default max_payload (1 MiB)
+#: Longest quote of a sender's value in an error reason: a reply must fit in one NATS
+#: message, and a repr grows some characters fourfold (``\x7f``).
+MAX_QUOTE = 120
 
 _HYPERVISOR = TypeAdapter[HypervisorMessage](HypervisorMessage)
 _REPLY = TypeAdapter[Reply](Reply)
@@ -39,7 +43,53 @@ def loads_object(data: bytes) -> dict[str, Any]:
         raise BadMessage(f"not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise BadMessage("payload must be a JSON object")
+    _refuse_duplicate_keys(data, obj)
     return obj
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def _refuse_duplicate_keys(data: bytes, obj: dict[str, Any]) -> None:
+    """orjson keeps the last of repeated keys; the protocol refuses them (bad_message).
+
+    Fast path, exact: if re-encoding what orjson parsed gives back the payload byte for
+    byte, the payload has no repeated key (a repeated key would be one pair short in the
+    re-encoding). Our own senders use orjson, so this holds for them and costs one
+    ``orjson.dumps`` and a compare: +0.6 us on a 350-byte request (orjson.loads: 1.1 us,
+    the whole decode: 30 us), +1.1 us with 16 MACs (3.1 us; 128 us). Anything else
+    (spaces, escapes, other number spellings) is parsed once more by the stdlib with a
+    hook that sees every pair: +6 to +13 us.
+    """
+    try:
+        if orjson.dumps(obj) == data:
+            return
+    except orjson.JSONEncodeError:
+        pass
+    try:
+        json.loads(data, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as exc:
+        raise BadMessage(f"duplicate key {_short(repr(exc.args[0]))} in a JSON object") from None
+    except RecursionError:  # orjson allows 1024 levels, the stdlib a few less
+        raise BadMessage("JSON nested too deeply") from None
+    except ValueError as exc:  # orjson accepted it; keep the stdlib's view as a refusal
+        raise BadMessage(f"not valid JSON: {exc}") from None
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_QUOTE else f"{text[:MAX_QUOTE]}... ({len(text)} chars)"
 
 
 def _check_version(obj: dict[str, Any]) -> None:
@@ -47,15 +97,17 @@ def _check_version(obj: dict[str, Any]) -> None:
     if type(version) is not int or version != PROTOCOL_VERSION:  # true/1.0 are not 1
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})",
+            f"protocol version {_short(repr(version))} is not supported "
+            f"(this side speaks {PROTOCOL_VERSION})",
         )
 
 
 def summarize(exc: ValidationError) -> str:
+    """At most three errors, each quoting at most ``MAX_QUOTE`` characters."""
     parts = []
     for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        parts.append(f"{loc}: {err['msg']}")
+        loc = _short(".".join(str(p) for p in err["loc"]) or "<root>")
+        parts.append(f"{loc}: {_short(err['msg'])}")
     more = exc.error_count() - len(parts)
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 
@@ -65,7 +117,7 @@ def decode_hypervisor(data: bytes) -> HypervisorMessage:
     _check_version(obj)
     kind = obj.get("kind")
     if kind not in HYPERVISOR_KINDS:
-        raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown message kind {kind!r}")
+        raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown message kind {_short(repr(kind))}")
     try:
         return _HYPERVISOR.validate_python(obj)
     except ValidationError as exc:

@@ -71,6 +71,9 @@ CASES: list[tuple[str, str, str, bytes]] = [
     ("invalid-utf8", "hv1", "addr_associate", b'{"kind": "\xff\xfe"}'),
     ("nul-bytes", "hv1", "addr_associate", b"\x00\x00\x00"),
     ("deeply-nested", "hv1", "addr_associate", b"[" * 5000 + b"]" * 5000),
+    # orjson would keep the last "seq"; the NVE refuses the payload instead
+    ("duplicate-key", "hv1", "addr_associate",
+     orjson.dumps(_assoc("02:00:00:00:00:09"))[:-1] + b',"seq":1}'),
     ("version-2", "hv1", "addr_associate", orjson.dumps({**_assoc("02:00:00:00:00:09"), "v": 2})),
     ("unknown-kind", "hv1", "teleport", orjson.dumps(_msg("teleport", vnic=VNIC))),
     ("extra-field", "hv1", "vnic_shutdown",
@@ -107,6 +110,7 @@ CASES: list[tuple[str, str, str, bytes]] = [
 EXPECTED = {
     "empty": "bad_message", "truncated": "bad_message", "not-an-object": "bad_message",
     "invalid-utf8": "bad_message", "nul-bytes": "bad_message", "deeply-nested": "bad_message",
+    "duplicate-key": "bad_message",
     "version-2": "unsupported_version", "unknown-kind": "unknown_kind",
     "extra-field": "bad_message", "vnic-not-uuid": "bad_message",
     "broadcast-mac": "bad_message", "multicast-mac": "bad_message", "zero-mac": "bad_message",

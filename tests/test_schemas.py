@@ -422,6 +422,58 @@ def test_decode_connect_with_bad_vnref_is_bad_message() -> None:
     assert _code(orjson.dumps(obj)) == ErrorCode.BAD_MESSAGE
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        # compact, as our own senders write (the fast path must catch it too)
+        b'{"v":1,"kind":"vnic_shutdown","sender":"hv1","seq":3,"seq":4,"vnic":"' + VNIC.encode()
+        + b'"}',
+        # spaced, escaped, nested: the fallback parser
+        b'{"v": 1, "kind": "vnic_shutdown", "sender": "hv1", "seq": 3, "vnic": "'
+        + VNIC.encode() + b'", "sender": "hv2"}',
+        b'{"v":1,"kind":"vnic_shutdown","sender":"hv1","s\\u0065q":3,"seq":3,"vnic":"'
+        + VNIC.encode() + b'"}',
+        b'{"v":1,"kind":"addr_associate","sender":"hv1","seq":3,"vnic":"' + VNIC.encode()
+        + b'","vn":{"alias":"blue","alias":"red"},"entries":[{"mac":"02:00:00:00:00:01"}]}',
+        b'{"v":1,"kind":"addr_associate","sender":"hv1","seq":3,"vnic":"' + VNIC.encode()
+        + b'","vn":{"alias":"blue"},"entries":[{"mac":"02:00:00:00:00:01","ips":[],"ips":[]}]}',
+    ],
+)
+def test_duplicate_keys_are_bad_message(data: bytes) -> None:
+    with pytest.raises(ProtocolError, match="duplicate key") as info:
+        wire.decode_hypervisor(data)
+    assert info.value.code == ErrorCode.BAD_MESSAGE
+
+
+def test_payloads_without_duplicates_decode_on_both_paths() -> None:
+    compact = _payload()
+    spaced = orjson.dumps(orjson.loads(compact), option=orjson.OPT_INDENT_2)
+    escaped = compact.replace(b'"hv1"', b'"h\\u00761"')
+    assert spaced != compact
+    for data in (compact, spaced, escaped):
+        assert wire.decode_hypervisor(data) == VnicShutdown(sender="hv1", seq=3, vnic=VNIC)
+
+
+@given(st.dictionaries(st.text(max_size=3), st.integers(-(2**63), 2**63 - 1),  # orjson's ints
+                       min_size=1, max_size=6),
+       st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_duplicate_detection_agrees_with_a_pair_by_pair_parse(
+    obj: dict[str, int], spaced: bool
+) -> None:
+    """Repeat one key (or not), in either spelling: refused exactly when repeated."""
+    pairs = list(obj.items())
+    for repeat in (False, True):
+        items = [*pairs, pairs[0]] if repeat else pairs
+        sep = ", " if spaced else ","
+        text = "{" + sep.join(f"{orjson.dumps(k).decode()}:{v}" for k, v in items) + "}"
+        if repeat:
+            with pytest.raises(ProtocolError, match="duplicate key"):
+                wire.loads_object(text.encode())
+        else:
+            assert wire.loads_object(text.encode()) == obj
+
+
 # ------------------------------------------------------------ round trip
 
 

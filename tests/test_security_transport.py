@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import shutil
 import ssl
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,7 +31,8 @@ from ima.client import ImaClient
 from ima.service import QUEUE_GROUP, ImaService
 from ima.store import EtcdStore, StoreError, StoreUnavailable, TlsConfig
 from nve.service import NveConfig, NveService
-from nvo3.connect import Endpoints, connect_nats, open_store
+from nvo3.connect import ConnectError, Endpoints, connect_nats, open_store
+from nvo3.exit_codes import EXIT_AUTH, EXIT_UNREACHABLE
 from nvo3.pki import client_context
 from nvo3.security import (
     AGENT_REPLY_PREFIX,
@@ -42,18 +46,17 @@ from nvo3.security import (
 from nvo3.servers import LocalServers, find_binary
 from schemas.messages import AddressEntry, VnicShutdown, VnRef
 from schemas.wire import dumps
+from tests.secured import HYPERVISORS, NVES, secured_stack, settle
+from tests.secured import quiet as _quiet
 
 pytestmark = pytest.mark.integration
 
-HYPERVISORS = {"hv1": ["nve1"], "hv2": ["nve1"], "hv3": ["nve2"], "hvr": ["nve1"]}
-NVES = ["nve1", "nve2"]
 SHORT = 0.5
 
 
 @pytest.fixture(scope="module")
 def secured() -> Iterator[LocalServers]:
-    with LocalServers(secure=SecureSpec(HYPERVISORS, NVES)) as stack:
-        yield stack
+    yield from secured_stack()
 
 
 @pytest.fixture(scope="module")
@@ -111,22 +114,6 @@ async def connect(secured: LocalServers) -> AsyncIterator[Clients]:
         for nc in clients.open:
             with contextlib.suppress(Exception):
                 await nc.close()
-
-
-async def _quiet(exc: Exception) -> None:
-    """nats-py's default error callback logs a traceback for every refused attempt."""
-
-
-async def settle(nc: Nats) -> None:
-    """Wait until the server has answered everything sent so far.
-
-    The server answers in order (a violation's -ERR comes before the PONG), but
-    nats-py writes flush()'s PING straight to the socket, ahead of publishes still in
-    its pending buffer. After one round trip the buffer has been written, so the
-    second PONG comes after any -ERR.
-    """
-    await nc.flush(timeout=2)
-    await nc.flush(timeout=2)
 
 
 # ------------------------------------------------------------------ NATS: request path
@@ -362,6 +349,106 @@ async def test_nats_refuses_plaintext(secured: LocalServers) -> None:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+# ------------------------------------------------------------------ one-shot clients fail fast
+
+FAST = 10.0  # a refused or unreachable one-shot client must give up well within this
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no TLS settings", "trusts another CA", "cert from another CA", "no client cert",
+     "no NKey", "another stack's NKey", "certificate without a NATS user"],
+)
+async def test_one_shot_nats_client_fails_fast_on_a_refusal(
+    secured: LocalServers, creds: Credentials, foreign: Credentials, case: str
+) -> None:
+    """nats-py's own retry loop hangs after a failed TLS upgrade; the CLI's does not."""
+    options = _bad_clients(creds, foreign)[case]
+    async with asyncio.timeout(FAST):
+        with pytest.raises(ConnectError) as info:
+            await connect_nats(["nats://127.0.0.1:1", *secured.nats_urls], "t", persistent=False,
+                               tls=options.get("tls"), nkey_seed=options.get("nkeys_seed_str"))
+    assert info.value.refused, info.value
+    assert [url for url, _ in info.value.failures] == ["nats://127.0.0.1:1", *secured.nats_urls]
+
+
+async def test_one_shot_clients_fail_fast_when_nothing_answers_or_etcd_refuses(
+    secured: LocalServers, creds: Credentials, foreign: Credentials
+) -> None:
+    async with asyncio.timeout(FAST):
+        with pytest.raises(ConnectError) as info:
+            await connect_nats(["nats://127.0.0.1:1"], "t", persistent=False)
+    assert not info.value.refused
+    for name, ident in [("foreign CA", foreign.identity("op")),
+                        ("no etcd user", creds.agent("hv1"))]:
+        async with asyncio.timeout(FAST):
+            with pytest.raises(ConnectError) as info:
+                await open_store(secured.etcd_endpoints, identity=ident, persistent=False)
+        assert info.value.refused, (name, info.value)
+        assert info.value.service == "etcd"
+
+
+async def _cli(secured: LocalServers, creds_dir: Path | None, *args: str) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NVO3_")}
+    env |= {"NVO3_NATS": ",".join(secured.nats_urls), "NVO3_ETCD": ",".join(secured.etcd_endpoints)}
+    if creds_dir is not None:
+        env["NVO3_CREDS"] = str(creds_dir)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nvo3.cli", *args, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(FAST):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+@pytest.mark.parametrize(
+    ("case", "command", "code", "says"),
+    [
+        ("another stack's credentials", "vn list", EXIT_AUTH, "CERTIFICATE_VERIFY_FAILED"),
+        ("no credentials", "vn list", EXIT_AUTH, "CERTIFICATE_VERIFY_FAILED"),
+        ("an NKey the server does not know", "nve tables nve1", EXIT_AUTH,
+         "Authorization Violation"),
+        ("a certificate whose CN has no etcd user", "check", EXIT_AUTH, "permission denied"),
+        ("nothing listens", "vn list", EXIT_UNREACHABLE, "did not answer"),
+    ],
+)
+async def test_cli_fails_fast_with_its_own_exit_code(
+    secured: LocalServers, creds: Credentials, foreign: Credentials, tmp_path: Path,
+    case: str, command: str, code: int, says: str,
+) -> None:
+    """Once the command waited for its 60 s bound (TLS) or said NoServersError (NKey)."""
+    copy = tmp_path / "creds"
+    shutil.copytree(creds.workdir, copy)
+    creds_dir: Path | None = copy
+    op = creds.identity("op")
+    if case == "another stack's credentials":
+        creds_dir = foreign.workdir
+    elif case == "no credentials":
+        creds_dir = None
+    elif case == "an NKey the server does not know":
+        seed = foreign.identity("op").nkey_seed
+        assert op.nkey_seed_file is not None
+        assert seed is not None
+        (copy / op.nkey_seed_file.name).write_text(seed)
+    elif case == "a certificate whose CN has no etcd user":  # NATS accepts it, etcd not
+        hv1 = creds.agent("hv1")
+        shutil.copy(hv1.cert_file, copy / op.cert_file.name)
+        shutil.copy(hv1.key_file, copy / op.key_file.name)
+    args = command.split()
+    if case == "nothing listens":
+        args += ["--nats", "nats://127.0.0.1:1"]
+    rc, err = await _cli(secured, creds_dir, *args)
+    assert rc == code, err
+    assert says in err, err
+    assert ("cannot authenticate" in err) is (code == EXIT_AUTH), err
 
 
 async def test_rotation_and_removal_take_effect_at_reload(
