@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
+from bisect import bisect_left
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any
@@ -66,6 +69,26 @@ class NveUnreachable(Exception):
     pass
 
 
+RTT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class RttHistogram:
+    """Request round trips (request published -> reply received), counted per bucket.
+
+    One ``bisect`` and two additions per answered request; ``nvo3.metrics`` turns
+    the counts into a cumulative Prometheus histogram at scrape time.
+    """
+
+    def __init__(self, bounds: tuple[float, ...] = RTT_BUCKETS_S) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.sum_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum_s += seconds
+
+
 class HypervisorAgent:
     def __init__(
         self,
@@ -94,9 +117,15 @@ class HypervisorAgent:
         self._seq = itertools.count(time.time_ns() // 1000)
         self.tags: dict[tuple[str, str], ConnectResult] = {}  # (vnic, vn name) -> result
         self.desired = DesiredState()
+        # Read by nvo3.metrics: requests.<kind>, retransmits.<kind>, replies.<ok|code>,
+        # unreachable.<nve>; requests waiting for their answer; answered round trips.
+        self.counters: Counter[str] = Counter()
+        self.inflight = 0
+        self.rtt = RttHistogram()
 
     def _envelope(self) -> dict[str, Any]:
-        return {"sender": self.hypervisor, "seq": next(self._seq), "ts_ns": time.time_ns()}
+        return {"sender": self.hypervisor, "seq": next(self._seq), "ts_ns": time.time_ns(),
+                "trace": os.urandom(8).hex()}
 
     def nve_for(self, vn: VnRef) -> str:
         return self.routes.get(str(vn), self.nve)
@@ -106,34 +135,52 @@ class HypervisorAgent:
 
     async def send(self, message: Any, nve: str | None = None) -> OkReply:
         """Send one request, retransmitting on timeout; raise AgentError on refusal."""
+        self.counters[f"requests.{message.kind}"] += 1
+        self.inflight += 1
+        try:
+            return await self._send(message, nve)
+        finally:
+            self.inflight -= 1
+
+    async def _send(self, message: Any, nve: str | None) -> OkReply:
         nve = nve or self.nve
         subject = self.subjects.hv_request(nve, self.hypervisor, message.kind)
         payload = dumps(message)
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("publish %s seq=%d to NVE %s", message.kind, message.seq, nve,
+                       extra={"trace": message.trace, "hypervisor": self.hypervisor})
         delay = 0.05
         for attempt in range(1, self.attempts + 1):
+            sent = time.perf_counter()
             try:
                 response = await self.nc.request(subject, payload, timeout=self.timeout)
             except (NatsTimeout, NoRespondersError) as exc:
                 if attempt == self.attempts:
                     self.unsynced.add(nve)
+                    self.counters[f"unreachable.{nve}"] += 1
                     raise NveUnreachable(
                         f"NVE {nve} did not answer {message.kind} after {attempt} tries"
                     ) from exc
                 _log.warning("%s to %s: no answer (%s); retrying", message.kind, nve, exc)
+                self.counters[f"retransmits.{message.kind}"] += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
+            self.rtt.observe(time.perf_counter() - sent)
             reply = decode_reply(response.data)
             if self.resend_extra is not None:
                 for _ in range(self.resend_extra()):  # replays: must change nothing
                     await self.nc.request(subject, payload, timeout=self.timeout)
             if isinstance(reply, ErrorReply):
+                self.counters[f"replies.{reply.code}"] += 1
                 if reply.code == ErrorCode.STALE_SEQ and attempt < self.attempts:
                     # Overtaken by a newer request of ours: same content, new number.
                     message = message.model_copy(update={"seq": next(self._seq)})
                     payload = dumps(message)
+                    self.counters[f"retransmits.{message.kind}"] += 1
                     continue
                 raise AgentError(reply)
+            self.counters["replies.ok"] += 1
             return reply
         raise AssertionError("unreachable")
 
@@ -363,8 +410,13 @@ class HypervisorAgent:
                 VnAddresses(vn=v.vn, entries=v.addresses) for v in spec.vns))
             self.desired.set_state(spec.name, spec.state)
 
-    async def apply_inventory(self, inventory: Inventory) -> None:
-        """Bring the NVE to the inventory's state (idempotent, safe to repeat)."""
+    async def apply_inventory(
+        self, inventory: Inventory, on_vnic: Callable[[], None] | None = None
+    ) -> None:
+        """Bring the NVE to the inventory's state (idempotent, safe to repeat).
+
+        ``on_vnic`` is called after each VNIC (a progress bar).
+        """
         for spec in inventory.vnics:
             for attachment in spec.vns:
                 await self.connect(spec.name, spec.port, attachment.vn)
@@ -372,3 +424,5 @@ class HypervisorAgent:
                     await self.associate(spec.name, attachment.vn, attachment.addresses)
             if spec.state == "down":
                 await self.shutdown(spec.name)
+            if on_vnic is not None:
+                on_vnic()

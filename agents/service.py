@@ -108,8 +108,15 @@ class AgentService:
             except NveUnreachable as exc:
                 reply = ErrorReply(code=ErrorCode.NVE_UNREACHABLE,
                                    reason=f"{exc} (kept; delivered by the next resync)")
+            if isinstance(reply, ErrorReply):
+                self.counters[f"command_errors.{reply.code}"] += 1
             if msg.reply:
                 await self.agent.nc.publish(msg.reply, dumps(reply))
+
+    @property
+    def sync_queue_depth(self) -> int:
+        """NVEs waiting for a full ``hv_sync`` from this agent (metrics)."""
+        return self._wanted.qsize()
 
     async def execute(self, cmd: AgentCommand) -> Any:
         agent, vnic = self.agent, cmd.vnic

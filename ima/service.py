@@ -53,6 +53,7 @@ class ImaService:
         subjects: Subjects | None = None,
     ) -> None:
         self.nc = nc
+        self.store = store
         self.registry = VnRegistry(store, layout or KeyLayout())
         self.subjects = subjects or Subjects()
         self.counters: Counter[str] = Counter()
@@ -83,13 +84,15 @@ class ImaService:
         reply: BaseModel
         try:
             reply = await self._dispatch(op, msg.data)
-            self.counters[f"requests.{op}"] += 1
+            self.counters[f"ops.{op}.ok"] += 1
         except ProtocolError as exc:
             self.counters[f"errors.{exc.code}"] += 1
+            self.counters[f"ops.{op}.{exc.code}"] += 1
             reply = ErrorReply(code=exc.code, reason=exc.reason,
                                details={k: str(v) for k, v in exc.fields.items()})
         except StoreError as exc:
             self.counters[f"errors.{ErrorCode.IMA_UNAVAILABLE}"] += 1
+            self.counters[f"ops.{op}.{ErrorCode.IMA_UNAVAILABLE}"] += 1
             reply = ErrorReply(code=ErrorCode.IMA_UNAVAILABLE, reason=str(exc))
         if msg.reply:
             await self.nc.publish(msg.reply, dumps(reply))

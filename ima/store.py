@@ -22,6 +22,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+from collections import Counter
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -632,6 +633,8 @@ class EtcdStore:
         self.max_txn_bytes = max_txn_bytes
         self.max_receive_bytes = max_receive_bytes
         self._client: Etcd3Client | None = None
+        # Read by nvo3.metrics: calls.<op> (get, list, put, txn, ...), retries, unavailable.
+        self.counters: Counter[str] = Counter()
 
     # -- lifecycle
 
@@ -702,13 +705,16 @@ class EtcdStore:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         delay = 0.05
+        self.counters["calls." + what.split(" ", 1)[0]] += 1
         while True:
             try:
                 with _mapped(what):
                     return await call(max(deadline - loop.time(), 0.001))
             except StoreUnavailable as exc:
                 if not (idempotent or _never_sent(exc)) or loop.time() + delay >= deadline:
+                    self.counters["unavailable"] += 1
                     raise
+                self.counters["retries"] += 1
                 _log.debug("%s: %s; retrying in %.2fs", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)

@@ -52,6 +52,7 @@ from nve.remote import RemoteTable
 from nve.service import NveService
 from nvo3.connect import Endpoints, connect_nats, open_store
 from nvo3.harness import ControlPlane
+from nvo3.progress import Progress, echo
 from nvo3.servers import LocalServers, find_binary
 from schemas.messages import AddressEntry, VnAddresses, VnRef
 from schemas.records import MacBinding
@@ -171,7 +172,7 @@ def _ip(n: int) -> str:
 
 
 def _log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    echo(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr)  # keeps the bar whole
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -617,13 +618,17 @@ def _remote_size(nve: NveService, vn: str) -> int:
 
 
 async def _until_size(nve: NveService, vn: str, size: int, wait_s: float,
-                      at_most: bool = False) -> None:
+                      at_most: bool = False, bar: Progress | None = None) -> None:
     """Wait until ``nve``'s remote table holds ``size`` mappings of ``vn`` (or at most)."""
+
+    def reached() -> bool:
+        now = _remote_size(nve, vn)
+        if bar is not None:
+            bar.update(now)
+        return now <= size if at_most else now >= size
+
     async with asyncio.timeout(wait_s):
-        if at_most:
-            await nve.wait_until(lambda: _remote_size(nve, vn) <= size)
-        else:
-            await nve.wait_until(lambda: _remote_size(nve, vn) >= size)
+        await nve.wait_until(reached)
 
 
 # --------------------------------------------------------------------------- stages
@@ -806,9 +811,11 @@ async def _load_ima(store: EtcdStore, layout: KeyLayout, vn: str, n: int) -> flo
         await store.txn((), [Put(layout.mac(vn, _mac(i)), value(i)) for i in range(lo, hi)])
 
     step, inflight = 128, 16
-    for lo in range(0, n, step * inflight):
-        await asyncio.gather(*(txn(a, min(a + step, n))
-                               for a in range(lo, min(lo + step * inflight, n), step)))
+    with Progress("load IMA", n) as bar:
+        for lo in range(0, n, step * inflight):
+            await asyncio.gather(*(txn(a, min(a + step, n))
+                                   for a in range(lo, min(lo + step * inflight, n), step)))
+            bar.update(min(lo + step * inflight, n))
     return time.perf_counter() - start
 
 
@@ -848,7 +855,8 @@ async def stage_cold_sync(run: Run) -> None:
         agent = await run.h.agent(f"coldhv{label.lower()}", nve.config.nve_id, timeout=30.0)
         start = time.perf_counter()
         await agent.connect(_vnic(f"cold/{label}"), "eth0", VnRef(alias=alias))
-        await _until_size(nve, vn.name, n, 600)
+        with Progress(f"sync {label}", n) as bar:
+            await _until_size(nve, vn.name, n, 600, bar=bar)
         sync_s = time.perf_counter() - start
         gc.collect()
         rss_per = (_rss() - rss0) / n
@@ -928,7 +936,8 @@ async def stage_resync(run: Run) -> None:
     start = time.perf_counter()
     await run.nve1.start(run.nc)
     ready = time.perf_counter()
-    await _until_size(run.nve2, run.vn_name, bindings, 300)
+    with Progress("resync", bindings) as bar:
+        await _until_size(run.nve2, run.vn_name, bindings, 300, bar=bar)
     done = time.perf_counter()
     after = await run.gen.call("stats")
     resync_s = done - ready
@@ -1155,10 +1164,13 @@ async def _bench(plan: Plan, res: Results, stages: set[str] | None) -> None:
             first = run.macs(2000)
             await gen.call("associate", fleet="hv", first=first, n=2000, macs_per_msg=1,
                            ips_per_mac=0, window=plan.window)
-            for name, stage in STAGES:
-                if stages is None or name in stages:
+            chosen = [(n, st) for n, st in STAGES if stages is None or n in stages]
+            with Progress("bench", len(chosen)) as bar:
+                for name, stage in chosen:
+                    bar.set_note(name)
                     _log(f"stage {name}")
                     await stage(run)
+                    bar.advance()
         finally:
             await nve1.stop()
             await gen.close()

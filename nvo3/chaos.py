@@ -34,6 +34,7 @@ from ima.client import ImaClient
 from ima.service import ImaService
 from nvo3.check import gather_and_check
 from nvo3.connect import Endpoints, connect_nats, open_store
+from nvo3.progress import Progress
 from nvo3.servers import LocalServers
 from schemas.messages import AddressEntry, VnRef
 
@@ -354,14 +355,17 @@ async def run_chaos(
         await chaos.setup()
         print(f"chaos: seed={seed} rounds={rounds}", file=out, flush=True)
         print(HEADER, file=out, flush=True)
-        for i in range(1, rounds + 1):
-            fault = faults[(i - 1) % len(faults)] if i <= len(faults) else chaos.rng.choice(
-                list(faults))
-            result = await chaos.round(i, fault, ops)
-            results.append(result)
-            print(_row(result), file=out, flush=True)
-            for diff in result.differences if not result.ok else ():
-                print("      " + diff, file=out, flush=True)
+        with Progress("chaos", rounds) as bar:  # stderr, terminals only
+            for i in range(1, rounds + 1):
+                fault = faults[(i - 1) % len(faults)] if i <= len(faults) else chaos.rng.choice(
+                    list(faults))
+                bar.set_note(f"round {i}: {fault}")
+                result = await chaos.round(i, fault, ops)
+                results.append(result)
+                bar.echo(_row(result), file=out)
+                for diff in result.differences if not result.ok else ():
+                    bar.echo("      " + diff, file=out)
+                bar.advance()
     finally:
         await chaos.teardown()
     return results

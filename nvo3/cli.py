@@ -5,7 +5,8 @@ Operators: ``nvo3 vn create|list|show``, ``nvo3 nve tables NVE_ID``.
 Others: ``nvo3 demo``, ``nvo3 schema export DIR``.
 
 Exit codes scripts can rely on: 0 success, 1 refused by the system (typed
-error), 2 bad usage, 3 unreachable (NATS/etcd/NVE did not answer), 130 Ctrl-C.
+error), 2 bad usage, 3 unreachable (NATS/etcd/NVE did not answer), 4 cannot
+authenticate (NATS or etcd refused the TLS handshake or the credentials), 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from pydantic import ValidationError
 
 from nvo3.exit_codes import (
+    EXIT_AUTH,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_REFUSED,
@@ -41,7 +43,8 @@ def _endpoint_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nvo3", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: info; -vv: debug, one line per event with its trace id")
     parser.add_argument("--log-json", action="store_true", help="structured JSON log lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -51,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="no TLS, NKeys or etcd RBAC (debugging only)")
 
     ima = sub.add_parser("ima", help="the IMA process").add_subparsers(dest="action", required=True)
-    _endpoint_args(ima.add_parser("run", help="serve the VN registry over NATS"))
+    ima_run = ima.add_parser("run", help="serve the VN registry over NATS")
+    _endpoint_args(ima_run)
+    ima_run.add_argument("--metrics-port", type=int, default=-1,
+                         help="serve Prometheus /metrics on this port (0: any free; -1: off)")
 
     nve = sub.add_parser("nve", help="NVE process and its tables")
     nve_sub = nve.add_subparsers(dest="action", required=True)
@@ -65,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     nve_run.add_argument("--announce-s", type=float, default=2.0,
                          help="epoch announcement period")
     nve_run.add_argument("--state-file",
-                         help="warm restart: save remote tables here on stop, resume from them")
+                         help="warm restart: save remote tables here on stop (and every "
+                              "--state-save-s while running), resume from them")
+    nve_run.add_argument("--state-save-s", type=float, default=10.0,
+                         help="period of warm-state saves while running (0: only on stop)")
     nve_run.add_argument("--metrics-port", type=int, default=-1,
                          help="serve Prometheus /metrics on this port (0: any free; -1: off)")
     tables = nve_sub.add_parser("tables", help="show a running NVE's tables")
@@ -92,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoint_args(agent_run)
     agent_run.add_argument("--inventory", required=True, type=Path)
     agent_run.add_argument("--once", action="store_true", help="apply and exit")
+    agent_run.add_argument("--libvirt", metavar="URI",
+                           help="also take VNICs from this libvirt's domains and their "
+                                "lifecycle events (e.g. qemu:///system, test:///default)")
+    agent_run.add_argument("--libvirt-port", default="eth0",
+                           help="port of libvirt VNICs without nvo3 metadata (default eth0)")
+    agent_run.add_argument("--metrics-port", type=int, default=-1,
+                           help="serve Prometheus /metrics on this port (0: any free; -1: off)")
 
     vn = sub.add_parser("vn", help="VN registry").add_subparsers(dest="action", required=True)
     create = vn.add_parser("create", help="create a VN (idempotent)")
@@ -153,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("action", choices=("export",))
     schema.add_argument("directory", type=Path)
 
-    from nvo3.up import add_subcommands  # deployment and contracts: `nvo3 up`, `nvo3 asyncapi`
+    # deployment and contracts: `nvo3 up`, `nvo3 pki`, `nvo3 asyncapi`
+    from nvo3.up import add_subcommands
 
     add_subcommands(sub)
     return parser
@@ -167,6 +184,7 @@ def _run_async(factory: Callable[[], Awaitable[int]], deadline: float | None = N
     from agents.agent import AgentError, NveUnreachable
     from ima.client import ImaError
     from ima.store import StoreError
+    from nvo3.connect import ConnectError
 
     async def runner() -> int:
         # SIGTERM (docker stop, systemd) is a graceful stop like Ctrl-C: cancelling the
@@ -192,6 +210,13 @@ def _run_async(factory: Callable[[], Awaitable[int]], deadline: float | None = N
         return EXIT_USAGE
     except BrokenPipeError:  # stdout closed early (`| head`): not an error of ours
         return EXIT_OK
+    except ConnectError as exc:  # one-shot commands: one round over the servers, then this
+        if exc.refused:
+            print(f"cannot authenticate: {exc}\n  check --creds / NVO3_CREDS: its CA, "
+                  f"certificate and NKey must be this cluster's", file=sys.stderr)
+            return EXIT_AUTH
+        print(f"unreachable: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except Exception as exc:
         text = str(exc).lower()
         if "authorization" in text or "permission denied" in text or isinstance(
@@ -223,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in export_schemas(args.directory):
                 print(path)
             return EXIT_OK
-        if args.command in ("up", "asyncapi"):
+        if args.command in ("up", "asyncapi", "pki"):
             from nvo3.up import run_subcommand
 
             return run_subcommand(args)

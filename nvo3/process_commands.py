@@ -16,7 +16,13 @@ async def run_ima(args: argparse.Namespace) -> int:
     nc = await connect_nats(ep.nats, "ima", identity=ep.identity("ima"))
     store = await open_store(ep.etcd, identity=ep.identity("ima"))
     try:
-        await ImaService(nc, store, layout=ep.layout, subjects=ep.subjects).run()
+        service = ImaService(nc, store, layout=ep.layout, subjects=ep.subjects)
+        if args.metrics_port >= 0:
+            from nvo3.metrics import serve_ima_metrics
+
+            port = serve_ima_metrics(service, args.metrics_port)
+            print(f"ima: metrics on http://127.0.0.1:{port}/metrics", flush=True)
+        await service.run()
     finally:
         await nc.close()
         await store.close()
@@ -37,7 +43,7 @@ async def run_nve(args: argparse.Namespace) -> int:
 
         config = NveConfig(args.id, args.underlay, lease_ttl=args.lease_ttl,
                            hold_s=args.hold_s, announce_s=args.announce_s,
-                           state_file=args.state_file,
+                           state_file=args.state_file, state_save_s=args.state_save_s,
                            reply_prefix=AGENT_REPLY_PREFIX if ep.secure else None)
         service = NveService(config, nc, store, layout=ep.layout, subjects=ep.subjects)
         relay.add(service.on_nats_error)
@@ -68,7 +74,17 @@ async def run_agent(args: argparse.Namespace) -> int:
         agent = HypervisorAgent(inventory.hypervisor, inventory.nve, nc, subjects=ep.subjects,
                                 routes=routes)
         if args.once:
-            await agent.apply_inventory(inventory)
+            from nvo3.progress import Progress
+
+            with Progress(f"agent {inventory.hypervisor}: VNICs", len(inventory.vnics)) as bar:
+                await agent.apply_inventory(inventory, on_vnic=bar.advance)
+            if args.libvirt:
+                from agents.libvirt_source import apply_running_domains
+
+                n = await apply_running_domains(agent, args.libvirt,
+                                                default_port=args.libvirt_port)
+                print(f"agent {inventory.hypervisor}: {n} running libvirt domains applied",
+                      flush=True)
             print(f"agent {inventory.hypervisor}: inventory applied "
                   f"({len(inventory.vnics)} VNICs) on NVE {inventory.nve}", flush=True)
             return EXIT_OK
@@ -77,7 +93,19 @@ async def run_agent(args: argparse.Namespace) -> int:
         agent.set_inventory(inventory)
         print(f"agent {inventory.hypervisor}: serving {len(inventory.vnics)} VNICs "
               f"for NVE(s) {', '.join(sorted(agent.nves()))}", flush=True)
-        await AgentService(agent).run()
+        service = AgentService(agent)
+        if args.metrics_port >= 0:
+            from nvo3.metrics import serve_agent_metrics
+
+            port = serve_agent_metrics(service, args.metrics_port)
+            print(f"agent {inventory.hypervisor}: metrics on http://127.0.0.1:{port}/metrics",
+                  flush=True)
+        if args.libvirt:  # VNICs also from libvirt domain events (agents/libvirt_source.py)
+            from agents.libvirt_source import run_with_libvirt
+
+            await run_with_libvirt(service, args.libvirt, default_port=args.libvirt_port)
+        else:
+            await service.run()
     finally:
         await nc.close()
     return EXIT_OK
