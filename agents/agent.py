@@ -89,6 +89,20 @@ class RttHistogram:
         self.sum_s += seconds
 
 
+def raise_if_cancelled() -> None:
+    """Honour a cancellation that a NATS request swallowed.
+
+    Python 3.11's ``asyncio.wait_for`` (inside nats-py's ``request``) can return
+    the reply and drop a cancellation that arrives together with it; a loop
+    that makes requests (the sync loop, operator commands, libvirt events)
+    would then go on, and a stopping agent would hang.  The task still counts
+    the cancellation (``cancelling()``), so it is raised again here.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class HypervisorAgent:
     def __init__(
         self,
@@ -154,6 +168,7 @@ class HypervisorAgent:
             sent = time.perf_counter()
             try:
                 response = await self.nc.request(subject, payload, timeout=self.timeout)
+                raise_if_cancelled()
             except (NatsTimeout, NoRespondersError) as exc:
                 if attempt == self.attempts:
                     self.unsynced.add(nve)

@@ -100,7 +100,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agents.agent import AgentError, HypervisorAgent, NveUnreachable
+from agents.agent import AgentError, HypervisorAgent, NveUnreachable, raise_if_cancelled
 from agents.inventory import VnicSpec, VnicVn
 from schemas.messages import AddressEntry, VnAddresses, VnRef
 from schemas.types import normalize_ip_entry, normalize_mac, normalize_uuid
@@ -457,7 +457,7 @@ class LibvirtSource:
         for dom in domains:
             await self._dispatch(DomainEvent(dom.UUIDString(), dom.name(), Event.STARTED,
                                              Started.BOOTED), dom)
-            _raise_if_cancelled()
+            raise_if_cancelled()
         return len(domains)
 
     async def run(self) -> None:
@@ -468,7 +468,7 @@ class LibvirtSource:
             if ev is _CLOSED:
                 raise ConnectionError(f"libvirt closed the connection (reason {dom})")
             await self._dispatch(ev, dom)
-            _raise_if_cancelled()
+            raise_if_cancelled()
 
     async def _dispatch(self, ev: DomainEvent, dom: Any) -> None:
         """Read what the event needs from libvirt (off the loop), then ``handle`` it."""
@@ -601,19 +601,6 @@ class LibvirtSource:
             return False
         self.counters[f"op:{op}"] += 1
         return True
-
-
-def _raise_if_cancelled() -> None:
-    """Honour a cancellation that an agent request swallowed.
-
-    Python 3.11's ``asyncio.wait_for`` (inside nats-py's ``request``) returns the
-    reply and drops a cancellation that arrives together with it; the loop
-    would then wait for the next libvirt event forever, and a SIGTERM'd agent
-    would not stop.  The task still counts the request (``cancelling()``).
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _event_name(event: int) -> str:

@@ -284,7 +284,12 @@ def _grpc_error(exc: BaseException) -> grpc.aio.AioRpcError | None:
     return None
 
 
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: Retried by callers.  INTERNAL included: gRPC's core reports a broken HTTP/2
+#: connection that way ("Internal error from Core", seen on the lease keepalive
+#: stream after the process was paused past its TTL); the NVE then died instead of
+#: re-registering.  Every write of ours is conditional, so a retry is always safe.
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.INTERNAL)
 
 
 def _raise_mapped(exc: BaseException, what: str) -> NoReturn:

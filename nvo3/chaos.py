@@ -19,6 +19,7 @@ import contextlib
 import os
 import random
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -67,19 +68,37 @@ class RoundResult:
 class NveProcess:
     """One NVE as a child process; stopped by its pid only."""
 
-    def __init__(self, nve_id: str, underlay: str, ep: Endpoints) -> None:
+    def __init__(self, nve_id: str, underlay: str, ep: Endpoints, log_dir: str) -> None:
         self.nve_id, self.underlay, self.ep = nve_id, underlay, ep
         self.proc: asyncio.subprocess.Process | None = None
+        self.log_path = os.path.join(log_dir, f"{nve_id}.log")  # stderr of every start
+
+    def died(self) -> str | None:
+        """Why the process is gone without being killed by us, with its last log lines."""
+        if self.proc is None or self.proc.returncode is None:
+            return None
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+                tail = fh.read().splitlines()[-6:]
+        except OSError:
+            tail = []
+        return f"{self.nve_id} exited with {self.proc.returncode}: " + " | ".join(tail)
 
     async def start(self) -> None:
         env = {**os.environ, "NVO3_NATS": ",".join(self.ep.nats),
                "NVO3_ETCD": ",".join(self.ep.etcd), "NVO3_KEY_ROOT": self.ep.key_root,
                "NVO3_SUBJECT_ROOT": self.ep.subject_root}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "nvo3.cli", "nve", "run", "--id", self.nve_id,
-            "--underlay", self.underlay, "--lease-ttl", str(LEASE_TTL), "--hold-s", "1",
-            "--announce-s", "0.5", env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        with self._open_log() as log:  # the child keeps its own descriptor
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "nvo3.cli", "nve", "run", "--id", self.nve_id,
+                "--underlay", self.underlay, "--lease-ttl", str(LEASE_TTL), "--hold-s", "1",
+                "--announce-s", "0.5", env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log)
+
+    def _open_log(self) -> Any:
+        log = open(self.log_path, "ab")  # noqa: SIM115 (closed by the caller's with)
+        log.write(f"--- start {time.strftime('%H:%M:%S')}\n".encode())
+        log.flush()
+        return log
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -106,7 +125,9 @@ class Chaos:
         self.rng = random.Random(seed)
         self.out = out
         self.ep = Endpoints(tuple(servers.nats_urls), tuple(servers.etcd_endpoints))
-        self.nves = {f"nve{i}": NveProcess(f"nve{i}", f"192.0.2.{i}", self.ep) for i in (1, 2)}
+        self.log_dir = tempfile.mkdtemp(prefix="nvo3-chaos-")  # NVE logs, kept for post-mortems
+        self.nves = {f"nve{i}": NveProcess(f"nve{i}", f"192.0.2.{i}", self.ep, self.log_dir)
+                     for i in (1, 2)}
         self.agents: dict[str, AgentService] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.conns: list[Any] = []
@@ -326,6 +347,8 @@ class Chaos:
         if report is not None:
             lost, stale, wrong = len(report.lost), len(report.stale), len(report.wrong_vni)
             diffs = (report.lost + report.stale + report.wrong_vni)[:10]
+        # An NVE that died on its own (not by an injected kill) says why, first.
+        diffs[:0] = [why for why in (p.died() for p in self.nves.values()) if why]
         t = self.tally
         return RoundResult(index, fault, t["events"], t["refused"], t["unreachable"],
                            lost, stale, wrong,

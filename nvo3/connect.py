@@ -164,6 +164,8 @@ async def connect_nats(
 ) -> Nats:
     """Services reconnect forever; one-shot operator commands (``persistent=False``)
     try each URL once and raise :class:`ConnectError` (the CLI's exit 3 or 4).
+    A service with credentials first probes once, so refused credentials are a
+    :class:`ConnectError` (exit 4) instead of an endless retry.
 
     ``identity`` supplies ``tls``, ``nkey_seed`` and ``inbox_prefix`` (explicit
     arguments win). On a secured server the inbox prefix must be the identity's
@@ -184,6 +186,8 @@ async def connect_nats(
     callback = error_cb.dispatch if isinstance(error_cb, ErrorRelay) else error_cb
     if not persistent:
         return await _connect_one_shot(list(urls), name, callback, options)
+    if tls is not None or nkey_seed is not None:
+        await _refuse_fast(list(urls), name, options)
     if callback is not None:
         options["error_cb"] = callback  # nats-py wants a coroutine function
     return await nats.connect(
@@ -196,6 +200,23 @@ async def connect_nats(
         pending_size=64 * 1024 * 1024,
         **options,
     )
+
+
+async def _refuse_fast(urls: list[str], name: str, options: dict[str, Any]) -> None:
+    """A service started with credentials the servers refuse stops at once (exit 4).
+
+    Its own connection retries forever (servers may still be starting), and after
+    a refused TLS handshake nats-py would wait forever; so one probing round over
+    the URLs comes first.  Nothing answering is not an error here: the retrying
+    connection that follows waits for the servers.
+    """
+    try:
+        probe = await _connect_one_shot(urls, name, None, options)
+    except ConnectError as exc:
+        if exc.refused:
+            raise
+        return
+    await probe.close()
 
 
 async def _connect_one_shot(

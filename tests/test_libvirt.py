@@ -421,7 +421,8 @@ async def test_cross_nve_migration_from_qemu_events(cp: Slice) -> None:
     assert binding["nve"] == "nve2"
     assert cp.nves["nve2"].counters["ima_claims"] > writes_before
     assert (await src.handle(ev(ST, P.MIGRATED))).intent == Intent.DEPART
-    assert {v["state"] for v in vnics_of(cp, "nve1", "hv1").values()} == {"departed"}
+    # Departed, or already gone: nve1 may have seen nve2's claim on its watch first.
+    assert {v["state"] for v in vnics_of(cp, "nve1", "hv1").values()} <= {"departed"}
     await cp.wait("nve1", lambda: not vnics_of(cp, "nve1", "hv1"))  # hold time over
     assert {k: v["state"] for k, v in vnics_of(cp, "nve2", "hv3").items()
             if k in (blue, red)} == {blue: "up", red: "up"}

@@ -418,6 +418,10 @@ async def _cli(secured: LocalServers, creds_dir: Path | None, *args: str) -> tup
          "Authorization Violation"),
         ("a certificate whose CN has no etcd user", "check", EXIT_AUTH, "permission denied"),
         ("nothing listens", "vn list", EXIT_UNREACHABLE, "did not answer"),
+        # Services too: a daemon must not retry forever with credentials that are refused.
+        ("another stack's credentials", "ima run", EXIT_AUTH, "CERTIFICATE_VERIFY_FAILED"),
+        ("an NKey the server does not know", "nve run --id nve1 --underlay 192.0.2.1",
+         EXIT_AUTH, "Authorization Violation"),
     ],
 )
 async def test_cli_fails_fast_with_its_own_exit_code(
@@ -434,10 +438,12 @@ async def test_cli_fails_fast_with_its_own_exit_code(
     elif case == "no credentials":
         creds_dir = None
     elif case == "an NKey the server does not know":
-        seed = foreign.identity("op").nkey_seed
-        assert op.nkey_seed_file is not None
+        who = "nve:nve1" if command.startswith("nve run") else "op"
+        seed = foreign.identity(who).nkey_seed
+        seed_file = creds.identity(who).nkey_seed_file
+        assert seed_file is not None
         assert seed is not None
-        (copy / op.nkey_seed_file.name).write_text(seed)
+        (copy / seed_file.name).write_text(seed)
     elif case == "a certificate whose CN has no etcd user":  # NATS accepts it, etcd not
         hv1 = creds.agent("hv1")
         shutil.copy(hv1.cert_file, copy / op.cert_file.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
+import grpc
 import pytest
 
 from ima.store import (
@@ -404,3 +405,23 @@ async def test_failover_between_endpoints(key_prefix: str) -> None:
             assert keys == [f"{key_prefix}after/{i:02d}" for i in range(20)]
     finally:
         await asyncio.to_thread(cluster.stop)
+
+
+@pytest.mark.parametrize(
+    ("code", "transient"),
+    [(grpc.StatusCode.UNAVAILABLE, True), (grpc.StatusCode.DEADLINE_EXCEEDED, True),
+     (grpc.StatusCode.INTERNAL, True), (grpc.StatusCode.PERMISSION_DENIED, False),
+     (grpc.StatusCode.INVALID_ARGUMENT, False)],
+)
+def test_broken_transport_errors_are_retried_and_refusals_are_not(
+    code: grpc.StatusCode, transient: bool
+) -> None:
+    """gRPC INTERNAL ("Internal error from Core") came from the keepalive stream after a
+    pause past the lease TTL, and used to kill the NVE instead of being retried."""
+    from ima.store import _raise_mapped
+
+    rpc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                               details="Internal error from Core")
+    with pytest.raises(StoreError) as raised:
+        _raise_mapped(rpc, "keepalive lease 1")
+    assert isinstance(raised.value, StoreUnavailable) is transient
