@@ -40,7 +40,8 @@ from nvo3.servers import LocalServers
 from schemas.messages import AddressEntry, VnRef
 
 LEASE_TTL = 2
-FAULTS = ("nve_kill", "nve_pause", "etcd_leader_kill", "nats_kill", "agent_restart")
+FAULTS = ("nve_kill", "nve_pause", "etcd_leader_kill", "nats_kill", "agent_restart",
+          "nve_restart")
 VNS = (VnRef(alias="blue"), VnRef(alias="red"))
 AGENTS = (("hv1", "nve1"), ("hv2", "nve1"), ("hv3", "nve2"), ("hv4", "nve2"))
 
@@ -257,6 +258,23 @@ class Chaos:
             if not pointed:
                 return None  # nothing of the victim's was in the other's table to clean
             return float("inf") if cleanup is None else cleanup - killed
+        if fault == "nve_restart":
+            # kill -9 and start again at once, well inside the lease TTL: the new
+            # incarnation must withdraw the old one's leftovers (predecessor revoke),
+            # and the other NVE must stop trusting them, without waiting for the TTL.
+            victim = self.nves[rng.choice(sorted(self.nves))]
+            other = next(n for n in self.nves if n != victim.nve_id)
+            before = await self._tables(other)
+            pointed = before is not None and any(
+                b["nve"] == victim.nve_id
+                for r in before["remote"].values() for b in r["entries"].values())
+            await victim.kill()
+            killed = time.monotonic()
+            await victim.start()
+            cleanup = await self._wait_no_leftovers(other, victim.nve_id, LEASE_TTL + 5)
+            if not pointed:
+                return None
+            return float("inf") if cleanup is None else cleanup - killed
         if fault == "nve_pause":
             victim = self.nves[rng.choice(sorted(self.nves))]
             victim.signal(19)  # SIGSTOP: longer than the lease TTL, on purpose
@@ -301,6 +319,24 @@ class Chaos:
                 b["nve"] == dead for r in snap["remote"].values() for b in r["entries"].values()
             ):
                 return time.monotonic()
+            await asyncio.sleep(0.05)
+        return None
+
+    async def _wait_no_leftovers(self, observer: str, nve: str, limit: float) -> float | None:
+        """When ``observer`` holds nothing of ``nve``'s incarnations older than its newest."""
+        deadline = time.monotonic() + limit
+        epoch = 0
+        while time.monotonic() < deadline:
+            if not epoch:
+                snap = await self._tables(nve)
+                epoch = int(snap["epoch"]) if snap is not None else 0
+            if epoch:
+                seen = await self._tables(observer)
+                if seen is not None and not any(
+                    b["nve"] == nve and b.get("epoch", 0) < epoch
+                    for r in seen["remote"].values() for b in r["entries"].values()
+                ):
+                    return time.monotonic()
             await asyncio.sleep(0.05)
         return None
 
