@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoint_args(place_set)
     place_set.add_argument("vnic")
     place_set.add_argument("hypervisor")
+    place_set.add_argument("--json", action="store_true")
 
     chk = sub.add_parser("check", help="compare agents' intent with NVE tables and the IMA")
     _endpoint_args(chk)

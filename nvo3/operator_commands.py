@@ -146,6 +146,9 @@ async def placement_command(args: argparse.Namespace) -> int:
 
     async with _operator(args) as (ep, nc):
         reply = await ImaClient(nc, ep.subjects).place(args.vnic, args.hypervisor)
+    if args.json:
+        print_json(reply.model_dump(mode="json"))
+        return EXIT_OK
     print(f"VNIC {reply.placement.vnic} placed on {reply.placement.hypervisor} "
           f"(revision {reply.revision})")
     return EXIT_OK

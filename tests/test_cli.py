@@ -95,6 +95,9 @@ async def test_placement_and_membership_from_the_cli(cp: Slice) -> None:
     rc, out, err = await nvo3(cp, "placement", "set", vnic, "hv1")
     assert rc == 0, err
     assert b"placed on hv1" in out
+    rc, out, err = await nvo3(cp, "placement", "set", vnic, "hv2", "--json")
+    assert rc == 0, err
+    assert orjson.loads(out)["placement"] == {"v": 1, "vnic": vnic, "hypervisor": "hv2"}
     rc, _, err = await nvo3(cp, "placement", "set", "not-a-uuid", "hv1")
     assert rc == 2
     assert b"invalid input" in err
