@@ -531,7 +531,7 @@ class NveCore:
                 vnic=owner[0],
             )
         remote = self.remote.get(vn, ip_entry(ip))
-        if isinstance(remote, IpBinding) and remote.vnic != vnic:
+        if remote is not None and remote.vnic != vnic:
             raise Conflict(
                 ErrorCode.IP_CONFLICT,
                 f"IP {ip} is already bound to MAC {remote.mac} behind NVE {remote.nve}",
@@ -1183,7 +1183,7 @@ class NveCore:
                 vn: {
                     "revision": r.revision,
                     "entries": {
-                        key: b.model_dump(mode="json") for key, b in sorted(r.entries.items())
+                        key: b.as_json(key) for key, b in sorted(r.entries.items())
                     },
                 }
                 for vn, r in sorted(self.remote.vns.items())

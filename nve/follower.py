@@ -31,7 +31,7 @@ from ima.store import (
     WatchCompacted,
     WatchEvent,
 )
-from nve.remote import Binding, RemoteTable
+from nve.remote import Binding, RemoteEntry, RemoteTable
 from schemas.records import IpBinding, MacBinding
 
 _log = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ class _Shape:
         self.all_fields = set(fields)
         self.canonical: re.Pattern[str] | None = None
         self.names = tuple(fields)
+        self.position = {name: i for i, name in enumerate(fields, start=1)}  # regex groups
         self.by_kind: list[tuple[str, ...]] = [
             tuple(n for n in fields if _LAYOUT.get(n, ("", -1))[1] == kind) for kind in range(4)]
         if self.enabled:
@@ -199,6 +200,33 @@ def _canonical_decode(
         return None
     built: MacBinding | IpBinding = _construct(model, values, shape.all_fields)
     return built
+
+
+def decode_entry(
+    kind: str, value: bytes, make: Callable[[str, str, int, str, int, str | None], RemoteEntry]
+) -> tuple[RemoteEntry, Binding | None]:
+    """A record straight into a remote-table entry (cold sync), and its model if one was built.
+
+    A canonical record is matched by the same regular expression as in
+    ``decode_binding`` and turned into an entry without building a model; anything
+    else is decoded (and validated, or refused with ``ValidationError``) as a model.
+    """
+    model: type[MacBinding] | type[IpBinding] = MacBinding if kind == "mac" else IpBinding
+    shape = _SHAPES[model]
+    if shape.canonical is not None:
+        try:
+            match = shape.canonical.fullmatch(value.decode("ascii"))
+        except UnicodeDecodeError:
+            match = None
+        if match is not None:
+            group, at = match.group, shape.position
+            vni, epoch, mac = int(group(at["vni"])), int(group(at["epoch"])), group(at["mac"])
+            if 1 <= vni <= _MAX_VNI and mac != "00:00:00:00:00:00" and epoch <= _MAX_EPOCH:
+                return make(group(at["nve"]), group(at["underlay"]), vni, group(at["vnic"]),
+                            epoch, mac if kind == "ip" else None), None
+    binding = decode_binding(kind, value)
+    return make(binding.nve, binding.underlay, binding.vni, binding.vnic, binding.epoch,
+                binding.mac if isinstance(binding, IpBinding) else None), binding
 
 
 def _direct(model: Any, values: dict[str, Any], fields_set: set[str]) -> Any:
@@ -276,7 +304,7 @@ class VnFollower:
         counters: Counter[str],
         latencies: deque[int],
         on_change: Callable[[], None],
-        on_foreign: Callable[[str, str, str, Binding], None] | None = None,
+        on_foreign: Callable[[str, str, str, Binding | RemoteEntry], None] | None = None,
     ) -> None:
         self.vn = vn
         self._store = store
@@ -329,7 +357,7 @@ class VnFollower:
         self._on_change()
         return revision
 
-    async def _list(self, prefix: str) -> tuple[list[tuple[str, Binding]], int]:
+    async def _list(self, prefix: str) -> tuple[list[tuple[str, RemoteEntry]], int]:
         """Decode each page while the next one is being fetched.
 
         The etcd round trips overlap the decoding, and the event loop gets a turn
@@ -347,7 +375,7 @@ class VnFollower:
             await pages.put(None)
 
         producer = asyncio.create_task(fetch(), name=f"list-{self.vn}")
-        snapshot: list[tuple[str, Binding]] = []
+        snapshot: list[tuple[str, RemoteEntry]] = []
         revision = 0
         try:
             while (page := await pages.get()) is not None:
@@ -361,20 +389,21 @@ class VnFollower:
                 await producer
         return snapshot, revision
 
-    def _decode_page(self, kvs: list[KeyValue], snapshot: list[tuple[str, Binding]]) -> None:
+    def _decode_page(self, kvs: list[KeyValue], snapshot: list[tuple[str, RemoteEntry]]) -> None:
+        make, on_foreign = self._remote.make, self._on_foreign
         for kv in kvs:
             parsed = self._layout.parse_map_key(kv.key)
             if parsed is None:
                 continue
             _, kind, addr = parsed
             try:
-                binding = decode_binding(kind, kv.value)
+                entry, _ = decode_entry(kind, kv.value, make)
             except ValidationError:
                 self._counters["bad_ima_records"] += 1
                 continue
-            snapshot.append((f"{kind}/{addr}", binding))
-            if self._on_foreign is not None and binding.nve != self._remote.nve_id:
-                self._on_foreign(self.vn, f"{kind}/{addr}", kv.key, binding)
+            snapshot.append((f"{kind}/{addr}", entry))
+            if on_foreign is not None and entry.nve != self._remote.nve_id:
+                on_foreign(self.vn, f"{kind}/{addr}", kv.key, entry)
 
     def _apply(self, events: list[WatchEvent]) -> None:
         now = time.time_ns()

@@ -10,11 +10,20 @@ and from the bindings themselves).  A binding written by an older incarnation
 of its NVE is a dead process's leftover waiting for its lease to expire: it is
 dropped as soon as a newer incarnation is known, instead of after the lease
 TTL, and a leftover that arrives later is ignored (both counted).
+
+An entry keeps only what forwarding and the conflict checks need
+(``RemoteEntry``: ~100 B with shared strings and numbers, against ~600 B for
+a binding model, issue 6); the telemetry fields (``ts_ns``, ``trace``) are
+used when the event is watched and not kept, and the mobility fields are read
+from etcd by the writer when it claims an address.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from schemas.records import IpBinding, MacBinding
 from schemas.types import ip_key
@@ -31,10 +40,33 @@ def ip_entry(ip: str) -> str:
     return f"ip/{ip_key(ip)}"
 
 
+class RemoteEntry(NamedTuple):
+    """A remote mapping: (VN, address) -> the NVE and underlay that reach it [4.2]."""
+
+    nve: str
+    underlay: str
+    vni: int
+    vnic: str
+    epoch: int
+    mac: str | None = None  # IP entries: the MAC behind the IP (a MAC entry's is its key)
+
+    def as_json(self, entry: str) -> dict[str, Any]:
+        """The operator's view of one entry (``nvo3 nve tables``), keyed like etcd."""
+        kind, _, addr = entry.partition("/")
+        out: dict[str, Any] = {"nve": self.nve, "underlay": self.underlay, "vni": self.vni,
+                               "vnic": self.vnic, "epoch": self.epoch}
+        if kind == "mac":
+            out["mac"] = addr
+        else:
+            out["ip"] = addr.replace("_", "/")
+            out["mac"] = self.mac
+        return out
+
+
 @dataclass
 class VnRemote:
     revision: int = 0
-    entries: dict[str, Binding] = field(default_factory=dict)  # 'mac/..' | 'ip/..'
+    entries: dict[str, RemoteEntry] = field(default_factory=dict)  # 'mac/..' | 'ip/..'
 
 
 @dataclass
@@ -44,6 +76,19 @@ class RemoteTable:
     stale_events: int = 0
     epochs: dict[str, int] = field(default_factory=dict)  # nve -> newest incarnation known
     stale_epoch: int = 0  # leftovers of an older incarnation dropped or ignored
+    _ints: dict[int, int] = field(default_factory=dict)  # one object per VNI / epoch value
+
+    def entry(self, b: Binding) -> RemoteEntry:
+        """The compact entry of a binding."""
+        return self.make(b.nve, b.underlay, b.vni, b.vnic, b.epoch,
+                         b.mac if isinstance(b, IpBinding) else None)
+
+    def make(self, nve: str, underlay: str, vni: int, vnic: str, epoch: int,
+             mac: str | None) -> RemoteEntry:
+        """An entry from validated parts; strings and numbers shared between entries."""
+        ints = self._ints
+        return RemoteEntry(sys.intern(nve), sys.intern(underlay), ints.setdefault(vni, vni),
+                           sys.intern(vnic), ints.setdefault(epoch, epoch), mac)
 
     def nve_epoch(self, nve: str, epoch: int) -> int:
         """``nve`` runs as incarnation ``epoch``: drop what older ones left; how many."""
@@ -75,8 +120,13 @@ class RemoteTable:
     def serves(self, vn: str) -> bool:
         return vn in self.vns
 
-    def load_snapshot(self, vn: str, items: list[tuple[str, Binding]], revision: int) -> None:
-        """Replace what we know of ``vn`` by a listing made at ``revision``."""
+    def load_snapshot(
+        self, vn: str, items: Sequence[tuple[str, Binding | RemoteEntry]], revision: int
+    ) -> None:
+        """Replace what we know of ``vn`` by a listing made at ``revision``.
+
+        ``items`` may already be entries (the follower converts page by page, so a
+        cold sync never holds a million binding models at once)."""
         remote = self.vns.get(vn)
         if remote is None:
             return
@@ -86,11 +136,15 @@ class RemoteTable:
                 newest[b.nve] = b.epoch
         for nve, epoch in newest.items():
             self.nve_epoch(nve, epoch)
-        entries = {k: b for k, b in items if b.nve != self.nve_id}
-        if self.epochs:
-            kept = {k: b for k, b in entries.items() if b.epoch >= self.epochs.get(b.nve, 0)}
-            self.stale_epoch += len(entries) - len(kept)
-            entries = kept
+        epochs, entry = self.epochs, self.entry
+        entries: dict[str, RemoteEntry] = {}
+        for k, b in items:
+            if b.nve == self.nve_id:
+                continue
+            if b.epoch < epochs.get(b.nve, 0):
+                self.stale_epoch += 1
+                continue
+            entries[k] = b if isinstance(b, RemoteEntry) else entry(b)
         remote.entries = entries
         remote.revision = revision
 
@@ -104,7 +158,7 @@ class RemoteTable:
             remote.entries.pop(key, None)  # the key's value is now the leftover
             self.stale_epoch += 1
         else:
-            remote.entries[key] = binding
+            remote.entries[key] = self.entry(binding)
         return True
 
     def delete(self, vn: str, key: str, revision: int) -> bool:
@@ -114,7 +168,7 @@ class RemoteTable:
         remote.entries.pop(key, None)
         return True
 
-    def get(self, vn: str, key: str) -> Binding | None:
+    def get(self, vn: str, key: str) -> RemoteEntry | None:
         remote = self.vns.get(vn)
         return None if remote is None else remote.entries.get(key)
 

@@ -33,7 +33,7 @@ from nve.follower import VnFollower
 from nve.mirror import PrefixMirror
 from nve.ratelimit import RateLimiter
 from nve.registration import Superseded, register
-from nve.remote import Binding
+from nve.remote import Binding, RemoteEntry
 from nve.resolver import VnResolver
 from nve.writer import ImaWriter, WriteClaim, WriteDelete, WriteOp, WritePut, WriteReport
 from schemas.errors import ErrorCode, ProtocolError
@@ -363,7 +363,7 @@ class NveService:
             vn, kind, addr = parsed
             self._submit_soon(self._execute(self.core.taken_over(vn, f"{kind}/{addr}", "?")))
 
-    def _foreign(self, vn: str, entry: str, key: str, binding: Binding) -> None:
+    def _foreign(self, vn: str, entry: str, key: str, binding: Binding | RemoteEntry) -> None:
         """The watch shows another NVE holding a key: if it was ours, it moved."""
         kind, _, addr = entry.partition("/")
         local = (self.core.mac_owner.get((vn, addr)) if kind == "mac"

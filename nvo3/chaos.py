@@ -247,10 +247,7 @@ class Chaos:
         if fault == "nve_kill":
             victim = self.nves[rng.choice(sorted(self.nves))]
             other = next(n for n in self.nves if n != victim.nve_id)
-            before = await self._tables(other)
-            pointed = before is not None and any(
-                b["nve"] == victim.nve_id
-                for r in before["remote"].values() for b in r["entries"].values())
+            pointed = await self._points_at(other, victim.nve_id)
             await victim.kill()
             killed = time.monotonic()
             cleanup = await self._wait_no_remote(other, victim.nve_id, LEASE_TTL + 5)
@@ -264,10 +261,7 @@ class Chaos:
             # and the other NVE must stop trusting them, without waiting for the TTL.
             victim = self.nves[rng.choice(sorted(self.nves))]
             other = next(n for n in self.nves if n != victim.nve_id)
-            before = await self._tables(other)
-            pointed = before is not None and any(
-                b["nve"] == victim.nve_id
-                for r in before["remote"].values() for b in r["entries"].values())
+            pointed = await self._points_at(other, victim.nve_id)
             await victim.kill()
             killed = time.monotonic()
             await victim.start()
@@ -310,6 +304,12 @@ class Chaos:
         self.tasks.pop(hv).cancel()
         await self._start_agent(hv, old.agent.nve, old)
         return None
+
+    async def _points_at(self, observer: str, nve: str) -> bool:
+        """Does ``observer``'s remote table hold anything of ``nve``'s?"""
+        snap = await self._tables(observer)
+        return snap is not None and any(
+            b["nve"] == nve for r in snap["remote"].values() for b in r["entries"].values())
 
     async def _wait_no_remote(self, observer: str, dead: str, limit: float) -> float | None:
         deadline = time.monotonic() + limit

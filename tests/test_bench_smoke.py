@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from ima.keys import KeyLayout
 from ima.store import EtcdStore
-from nve.follower import decode_binding
+from nve.follower import decode_binding, decode_entry
+from nve.remote import RemoteTable
 from nve.writer import ImaWriter, WritePut
 from schemas.records import IpBinding, MacBinding
 
@@ -84,6 +85,16 @@ def _records() -> list[tuple[str, bytes]]:
             for ip in ("10.0.0.0/8", "10.0.0.1/8", "::1", "010.0.0.1", "256.0.0.1", "0.0.0.0"):
                 out.append((kind, orjson.dumps({**base, "ip": ip})))
     out += [("mac", b"[]"), ("mac", b"nope"), ("mac", b'{"v":1}'), ("ip", b"")]
+    # Canonical records (every field, in model order: what NVEs write), valid and not.
+    for kind, model in (("mac", MacBinding), ("ip", IpBinding)):
+        base = dict(_BASE, ip="10.0.0.1") if kind == "ip" else dict(_BASE)
+        full = model.model_validate({**base, "epoch": 9, "trace": "0123456789abcdef",
+                                     "moves_ns": [1, 2]}).model_dump(mode="json")
+        out.append((kind, orjson.dumps(full)))
+        for name, value in (("vni", 0), ("vni", 1 << 24), ("epoch", 1 << 63), ("epoch", -1),
+                            ("mac", "00:00:00:00:00:00"), ("trace", "XYZ"), ("trace", ""),
+                            ("nve", "a b"), ("ts_ns", -5)):
+            out.append((kind, orjson.dumps({**full, name: value})))
     return out
 
 
@@ -104,6 +115,21 @@ def test_decode_binding_matches_full_validation(kind: str, value: bytes) -> None
     assert got == expected
     assert got.model_fields_set == expected.model_fields_set
     assert got.model_dump_json() == expected.model_dump_json()
+
+
+@pytest.mark.parametrize(("kind", "value"), _records())
+def test_decode_entry_matches_full_validation(kind: str, value: bytes) -> None:
+    """The cold-sync path (record -> table entry, no model) refuses and keeps the same."""
+    model = MacBinding if kind == "mac" else IpBinding
+    table = RemoteTable("observer")
+    try:
+        expected = table.entry(model.model_validate_json(value))
+    except ValidationError:
+        with pytest.raises(ValidationError):
+            decode_entry(kind, value, table.make)
+        return
+    got, _ = decode_entry(kind, value, table.make)
+    assert got == expected
 
 
 # ------------------------------------------------------------ concurrent chunks

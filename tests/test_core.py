@@ -687,14 +687,14 @@ def test_remote_table_ignores_stale_events() -> None:
     assert not table.put(L2.name, mac_entry(MAC2), remote_mac(L2, MAC2), 9)
     assert not table.delete(L2.name, mac_entry(MAC1), 5)
     assert table.stale_events == 2
-    assert table.get(L2.name, mac_entry(MAC1)) == remote_mac(L2, MAC1)
+    assert table.get(L2.name, mac_entry(MAC1)) == table.entry(remote_mac(L2, MAC1))
     assert table.get(L2.name, mac_entry(MAC2)) is None
     assert table.revision(L2.name) == 10
     # Same revision: another event of the same transaction, applied.
     assert table.put(L2.name, mac_entry(MAC2), remote_mac(L2, MAC2), 10)
     assert table.delete(L2.name, mac_entry(MAC1), 10)
     assert table.get(L2.name, mac_entry(MAC1)) is None
-    assert table.get(L2.name, mac_entry(MAC2)) == remote_mac(L2, MAC2)
+    assert table.get(L2.name, mac_entry(MAC2)) == table.entry(remote_mac(L2, MAC2))
     assert table.stale_events == 2
     assert table.size() == 1
 
@@ -737,9 +737,9 @@ def test_remote_table_load_snapshot_replaces() -> None:
         20,
     )
     assert table.get(L2.name, mac_entry(MAC1)) is None
-    assert table.get(L2.name, mac_entry(MAC2)) == remote_mac(L2, MAC2)
+    assert table.get(L2.name, mac_entry(MAC2)) == table.entry(remote_mac(L2, MAC2))
     assert table.get(L2.name, mac_entry(MAC3)) is None
-    assert table.get(L2.name, "ip/10.0.0.0_24") == remote_ip(L2, "10.0.0.0/24", MAC2)
+    assert table.get(L2.name, "ip/10.0.0.0_24") == table.entry(remote_ip(L2, "10.0.0.0/24", MAC2))
     assert table.revision(L2.name) == 20
     assert table.size() == 2
     # Events from before the snapshot are now stale.

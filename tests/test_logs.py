@@ -56,8 +56,7 @@ async def test_one_trace_id_follows_an_event_from_the_agent_to_the_remote_nve(
         assert len(learned) == 1
         assert learned <= by_logger["agents.agent"]  # published with it
         assert learned <= by_logger["nve.service"]  # applied with it
-        (binding,) = s.nves["nve2"].core.remote.vns[next(iter(s.nves["nve2"].core.remote.vns))
-                                                   ].entries.values()
-        assert {binding.trace} == learned  # and stored with it in the IMA
+        (stored,) = [orjson.loads(v) for k, v in (await s.keys()).items() if "/map/" in k]
+        assert {stored["trace"]} == learned  # and stored with it in the IMA
     finally:
         await s.stop()
