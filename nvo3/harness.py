@@ -4,6 +4,14 @@ Services run against real nats-server and etcd, namespaced by a key prefix
 and subject root.  Each NVE's task is kept, so one can be stopped (gracefully:
 its lease is revoked) and started again; ``stop()`` cancels exactly the tasks
 and closes exactly the connections this control plane opened.
+
+On a secured stack (``Endpoints.credentials`` set, e.g. ``start_control_plane(...,
+credentials=servers.credentials)``) every connection uses TLS and the identity of the
+process it stands for, as ``nvo3 demo`` does: the IMA ``ima``, an NVE ``nve:<id>``
+(answering hypervisors only into their own inbox, ``AGENT_REPLY_PREFIX``, unless the
+caller sets ``reply_prefix``), an agent ``hv:<hv>``, the operator client and the
+control plane's own store ``op``. A secured stack's permissions are tied to the roots
+in its credentials, so the key prefix and subject root must be those.
 """
 
 from __future__ import annotations
@@ -19,6 +27,15 @@ from ima.service import ImaService
 from ima.store import EtcdStore
 from nve.service import NveConfig, NveService
 from nvo3.connect import Endpoints, ErrorRelay, connect_nats, open_store
+from nvo3.security import (
+    AGENT_REPLY_PREFIX,
+    ROLE_IMA,
+    ROLE_OP,
+    Credentials,
+    Identity,
+    hv_identity,
+    nve_identity,
+)
 
 WAIT = 10.0
 
@@ -35,27 +52,46 @@ class ControlPlane:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _nve_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
-    async def nats(self, name: str, error_cb: Any = None) -> Any:
-        nc = await connect_nats(self.ep.nats, name, error_cb=error_cb)
+    def identity(self, name: str | None) -> Identity | None:
+        """The secured stack's identity ``name`` (KeyError lists the known ones); None on
+        the plain stack."""
+        if not self.ep.secure:
+            return None
+        if name is None:
+            raise ValueError("a secured control plane needs an identity for each connection")
+        return self.ep.identity(name)
+
+    async def nats(self, name: str, error_cb: Any = None, *, identity: str | None = None,
+                   inbox_prefix: str | None = None) -> Any:
+        """A NATS connection named ``name``; on a secured stack as ``identity``
+        (default: ``name``, e.g. ``op``). ``inbox_prefix`` overrides the identity's."""
+        nc = await connect_nats(self.ep.nats, name, error_cb=error_cb,
+                                identity=self.identity(identity or name),
+                                inbox_prefix=inbox_prefix)
         self._conns.append(nc)
         return nc
 
-    async def new_store(self) -> EtcdStore:
-        store = await open_store(self.ep.etcd)
+    async def new_store(self, identity: str | None = ROLE_OP) -> EtcdStore:
+        """An etcd client; on a secured stack as ``identity`` (default ``op``: read-only)."""
+        store = await open_store(self.ep.etcd, identity=self.identity(identity))
         self._stores.append(store)
         return store
 
     async def start_ima(self) -> ImaService:
-        ima = ImaService(await self.nats("ima"), await self.new_store(), layout=self.ep.layout,
+        ima = ImaService(await self.nats("ima", identity=ROLE_IMA),
+                         await self.new_store(ROLE_IMA), layout=self.ep.layout,
                          subjects=self.ep.subjects)
         self._tasks.append(asyncio.create_task(ima.run()))
         await ima.ready.wait()
         return ima
 
     async def start_nve(self, nve_id: str, underlay: str, **config: Any) -> NveService:
+        if self.ep.secure:
+            config.setdefault("reply_prefix", AGENT_REPLY_PREFIX)
         relay = ErrorRelay()
         nve = NveService(NveConfig(nve_id, underlay, **config),
-                         await self.nats(nve_id, relay), await self.new_store(),
+                         await self.nats(nve_id, relay, identity=nve_identity(nve_id)),
+                         await self.new_store(nve_identity(nve_id)),
                          layout=self.ep.layout, subjects=self.ep.subjects)
         relay.add(nve.on_nats_error)
         task = asyncio.create_task(nve.run())
@@ -91,8 +127,8 @@ class ControlPlane:
         return nve
 
     async def agent(self, hypervisor: str, nve: str, **options: Any) -> HypervisorAgent:
-        return HypervisorAgent(hypervisor, nve, await self.nats(hypervisor),
-                               subjects=self.ep.subjects, **options)
+        nc = await self.nats(hypervisor, identity=hv_identity(hypervisor))
+        return HypervisorAgent(hypervisor, nve, nc, subjects=self.ep.subjects, **options)
 
     async def wait(self, nve: str, predicate: Any) -> None:
         async with asyncio.timeout(WAIT):
@@ -126,14 +162,26 @@ async def start_control_plane(
     key_prefix: str,
     subject_root: str,
     nve_ids: tuple[str, ...] = ("nve1", "nve2"),
+    *,
+    credentials: Credentials | None = None,
     **nve_config: Any,
 ) -> ControlPlane:
+    """``credentials``: a secured stack's (``LocalServers.credentials``); its key root and
+    subject root must be ``key_prefix`` and ``subject_root``, which its permissions name."""
+    if credentials is not None and (key_prefix, subject_root) != (
+        credentials.key_root, credentials.subject_root
+    ):
+        raise ValueError(
+            f"a secured stack's permissions are tied to key root {credentials.key_root!r} "
+            f"and subject root {credentials.subject_root!r}, not {key_prefix!r} and "
+            f"{subject_root!r}"
+        )
     ep = Endpoints(nats=tuple(nats_urls), etcd=tuple(etcd_endpoints), key_root=key_prefix,
-                   subject_root=subject_root)
+                   subject_root=subject_root, credentials=credentials)
     s = ControlPlane(ep)
     s.store = await s.new_store()
     s.ima = await s.start_ima()
     for i, nve_id in enumerate(nve_ids, start=1):
         await s.start_nve(nve_id, f"192.0.2.{i}", **nve_config)
-    s.client = ImaClient(await s.nats("operator"), ep.subjects)
+    s.client = ImaClient(await s.nats("operator", identity=ROLE_OP), ep.subjects)
     return s

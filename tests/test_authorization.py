@@ -2,24 +2,40 @@
 
 Placement (which hypervisor a VNIC runs on), VN membership, VNIC ownership,
 anti-spoofing, reply subjects and per-hypervisor rate limits; real servers.
+
+Every test runs twice (``cp`` is parametrized): on the plain stack, and on a secured
+one (TLS, one NKey identity per process, etcd RBAC; ``tests/secured.py``). Each
+hypervisor, the attacker included, speaks as its own identity (``hv:hv1``, ``hv:hv2``,
+``hv:hv3``) on its own subjects, which nats-server allows: these claims are NATS-legal,
+and it is the NVE that refuses them, on both stacks. The NVEs answer only into the
+sender's own inbox (``AGENT_REPLY_PREFIX``, ``_INBOX_hv_<hv>.``) on both stacks.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
-import nats
 import orjson
 import pytest
 from nats.aio.msg import Msg
 
 from agents.agent import AgentError, HypervisorAgent
+from nvo3.security import AGENT_REPLY_PREFIX, hv_identity, inbox_prefix
+from nvo3.servers import LocalServers
 from schemas.errors import ErrorCode
 from schemas.messages import AddressEntry, VnAddresses, VnicShutdown, VnRef
 from schemas.records import VnMembers
 from schemas.wire import dumps
-from tests.slice import Slice, start_slice
+from tests.secured import (
+    STACKS,
+    Violations,
+    request_counters,
+    secured_stack,
+    settle,
+    start_on_stack,
+)
+from tests.slice import Slice
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +44,15 @@ A = str(uuid.uuid5(uuid.NAMESPACE_URL, "authz/a"))
 B = str(uuid.uuid5(uuid.NAMESPACE_URL, "authz/b"))
 
 
-@pytest.fixture
-async def cp(
-    nats_urls: list[str], etcd_endpoints: list[str], key_prefix: str, subject_root: str
-) -> AsyncIterator[Slice]:
-    s = await start_slice(nats_urls, etcd_endpoints, key_prefix, subject_root,
-                          ("nve1", "nve2"), enforce_placement=True,
-                          reply_prefix="_INBOX_{hv}.", rate_per_s=50.0, burst=50.0)
+@pytest.fixture(scope="module")
+def secured() -> Iterator[LocalServers]:
+    yield from secured_stack()
+
+
+@pytest.fixture(params=STACKS)
+async def cp(request: pytest.FixtureRequest) -> AsyncIterator[Slice]:
+    s = await start_on_stack(request, ("nve1", "nve2"), enforce_placement=True,
+                             reply_prefix=AGENT_REPLY_PREFIX, rate_per_s=50.0, burst=50.0)
     try:
         assert s.client is not None
         await s.client.create("blue")
@@ -46,9 +64,10 @@ async def cp(
 
 
 async def agent(cp: Slice, hv: str, nve: str = "nve1") -> HypervisorAgent:
-    """An agent whose NATS inbox is its own (``_INBOX_<hv>``), as in secure mode."""
-    nc = await nats.connect(servers=list(cp.ep.nats), inbox_prefix=f"_INBOX_{hv}")
-    cp._conns.append(nc)
+    """An agent whose NATS inbox is its own (``_INBOX_hv_<hv>``): on the secured stack
+    it is the identity's, and the plain stack uses the same prefix."""
+    ident = hv_identity(hv)
+    nc = await cp.nats(hv, identity=ident, inbox_prefix=inbox_prefix(ident))
     return HypervisorAgent(hv, nve, nc, subjects=cp.ep.subjects, timeout=2.0, attempts=2)
 
 
@@ -129,8 +148,12 @@ async def test_reply_subject_into_another_clients_inbox_gets_no_answer(cp: Slice
     await placed(cp, A, "hv1")
     hv1 = await agent(cp, "hv1")
     await hv1.connect(A, "eth0", BLUE)
-    attacker = cp._conns[0]
-    victim_inbox = "_INBOX_hv1.stolen"
+    # hv2 (as itself: nats-server checks the subject, not the reply subject, of a
+    # publish) asks on its own subject with a reply subject in hv1's inbox. The NVE may
+    # answer any reply subject (allow_responses), so its reply-prefix check is what
+    # refuses, on both stacks.
+    attacker = (await agent(cp, "hv2")).nc
+    victim_inbox = f"{inbox_prefix(hv_identity('hv1'))}.stolen"
     seen: list[bytes] = []
 
     async def collect(m: Msg) -> None:
@@ -153,13 +176,16 @@ async def test_a_flooding_hypervisor_does_not_starve_the_others(cp: Slice) -> No
     await placed(cp, A, "hv1")
     hv1 = await agent(cp, "hv1")
     await hv1.connect(A, "eth0", BLUE)
-    flood = cp._conns[0]
-    junk = orjson.dumps({"v": 1, "kind": "vnic_shutdown", "sender": "hv9", "seq": 1,
+    # hv2 floods on its own subject (allowed by nats-server on the secured stack too),
+    # with requests for a VNIC it does not have and no reply subject.
+    errors = Violations()
+    flood = await cp.nats("hv2", errors.record, identity=hv_identity("hv2"))
+    junk = orjson.dumps({"v": 1, "kind": "vnic_shutdown", "sender": "hv2", "seq": 1,
                          "vnic": B})
-    subject = cp.ep.subjects.hv_request("nve1", "hv9", "vnic_shutdown")
+    subject = cp.ep.subjects.hv_request("nve1", "hv2", "vnic_shutdown")
     for _ in range(2000):
         await flood.publish(subject, junk)
-    # hv1 keeps being served while hv9 floods.
+    # hv1 keeps being served while hv2 floods.
     for i in range(5):
         reply = await hv1.associate(A, BLUE, (AddressEntry(mac=f"02:00:00:00:01:{i:02x}"),))
         assert reply.ima_ops == 1
@@ -167,3 +193,22 @@ async def test_a_flooding_hypervisor_does_not_starve_the_others(cp: Slice) -> No
     nve = cp.nves["nve1"]
     await cp.wait("nve1", lambda: nve.counters["errors.rate_limited"] >= 1900)
     assert nve.counters["errors.rate_limited"] + nve.counters["errors.unknown_vnic"] >= 2000
+    if not cp.ep.secure:
+        return
+    # The rate limit is per hypervisor of the subject. On the plain stack any client
+    # could send requests in hv1's name (its subject and sender) and spend hv1's budget;
+    # with auth on, nats-server refuses hv2's publishes there, so the NVE never sees
+    # them and hv1 is served at once.
+    before = request_counters(nve)
+    spoofed = cp.ep.subjects.hv_request("nve1", "hv1", "vnic_shutdown")
+    as_hv1 = orjson.dumps({"v": 1, "kind": "vnic_shutdown", "sender": "hv1", "seq": 1,
+                           "vnic": B})
+    for _ in range(100):
+        await flood.publish(spoofed, as_hv1)
+    await settle(flood)
+    violations = errors.publish()
+    assert violations
+    assert set(violations) == {f'nats: permissions violation for publish to "{spoofed}"'}
+    assert request_counters(nve) == before
+    reply = await hv1.associate(A, BLUE, (AddressEntry(mac="02:00:00:00:02:01"),))
+    assert reply.ima_ops == 1

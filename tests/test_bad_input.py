@@ -2,19 +2,38 @@
 
 Raw bytes go to the NVE over a real NATS connection; after each refusal the
 NVE's tables and the etcd keys are compared with what they were before.
+
+Every test runs twice (``cp`` is parametrized): on the plain stack, and on a secured
+one (TLS, one NKey identity per process, etcd RBAC; ``tests/secured.py``), where each
+request is sent by the hypervisor whose subject it uses (``hv:hv1``, ``hv:hv2``), the
+IMA requests by ``op``, and the NVE answers only into the sender's own inbox. The
+refusals happen in the NVE and the IMA on both stacks; on the secured one a request on
+another hypervisor's subject does not even reach the NVE (the server refuses the
+publish), which ``test_every_bad_input_...`` checks too.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import nats.errors
 import orjson
 import pytest
 
+from nvo3.security import hv_identity
+from nvo3.servers import LocalServers
 from schemas.wire import MAX_PAYLOAD
-from tests.slice import Slice, start_slice
+from tests.secured import (
+    STACKS,
+    Violations,
+    request_counters,
+    secured_stack,
+    settle,
+    start_on_stack,
+)
+from tests.slice import Slice
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +41,14 @@ VNIC = str(uuid.uuid5(uuid.NAMESPACE_URL, "bad/a"))
 OTHER = str(uuid.uuid5(uuid.NAMESPACE_URL, "bad/b"))
 
 
-@pytest.fixture
-async def cp(
-    nats_urls: list[str], etcd_endpoints: list[str], key_prefix: str, subject_root: str
-) -> AsyncIterator[Slice]:
-    s = await start_slice(nats_urls, etcd_endpoints, key_prefix, subject_root, ("nve1",))
+@pytest.fixture(scope="module")
+def secured() -> Iterator[LocalServers]:
+    yield from secured_stack()
+
+
+@pytest.fixture(params=STACKS)
+async def cp(request: pytest.FixtureRequest) -> AsyncIterator[Slice]:
+    s = await start_on_stack(request, ("nve1",))
     try:
         assert s.client is not None
         await s.client.create("blue", service="l2")
@@ -128,8 +150,16 @@ def _local(cp: Slice) -> tuple[Any, Any]:
     return tables["vnics"], tables["ports"]
 
 
+async def _hv(cp: Slice, hv: str) -> Any:
+    """The NATS connection of hypervisor ``hv`` (on the secured stack: as ``hv:<hv>``)."""
+    for nc in cp._conns:
+        if nc.options["name"] == hv:
+            return nc
+    return await cp.nats(hv, identity=hv_identity(hv))
+
+
 async def _request(cp: Slice, hv: str, kind: str, payload: bytes) -> dict[str, Any]:
-    nc = cp._conns[0]
+    nc = await _hv(cp, hv)
     subject = cp.ep.subjects.hv_request("nve1", hv, kind)
     msg = await nc.request(subject, payload, timeout=5)
     reply: dict[str, Any] = orjson.loads(msg.data)
@@ -148,6 +178,27 @@ async def test_every_bad_input_gets_its_typed_error_and_changes_nothing(cp: Slic
     assert codes == EXPECTED
     assert _local(cp) == before_tables
     assert await cp.keys() == before_keys
+    if cp.ep.secure:
+        await _another_hypervisors_subject_is_refused_by_the_server(cp)
+
+
+async def _another_hypervisors_subject_is_refused_by_the_server(cp: Slice) -> None:
+    """Secured stack: hv1 cannot even send "sender-mismatch" on hv2's subject.
+
+    On the plain stack any client may publish there and the NVE refuses the payload
+    (``sender_mismatch`` above, sent here by ``hv:hv2`` itself); with auth on, nats-server
+    refuses hv1's publish, the NVE never sees it and the request gets no answer.
+    """
+    errors = Violations()
+    nc = await cp.nats("hv1-spoofing", errors.record, identity=hv_identity("hv1"))
+    nve = cp.nves["nve1"]
+    before = request_counters(nve)
+    subject = cp.ep.subjects.hv_request("nve1", "hv2", "addr_associate")
+    with pytest.raises(nats.errors.TimeoutError):
+        await nc.request(subject, orjson.dumps(_assoc("02:00:00:00:00:09")), timeout=0.5)
+    await settle(nc)
+    assert errors.publish() == [f'nats: permissions violation for publish to "{subject}"']
+    assert request_counters(nve) == before
 
 
 async def test_same_seq_with_different_content_is_refused(cp: Slice) -> None:
@@ -162,7 +213,7 @@ async def test_same_seq_with_different_content_is_refused(cp: Slice) -> None:
 
 
 async def test_oversize_payload_is_refused_before_parsing(cp: Slice) -> None:
-    nc = cp._conns[0]
+    nc = await _hv(cp, "hv1")
     if nc.max_payload <= MAX_PAYLOAD:
         # The server refuses it for us: nats-py raises before anything is sent.
         from nats.errors import MaxPayloadError
@@ -178,7 +229,8 @@ async def test_oversize_payload_is_refused_before_parsing(cp: Slice) -> None:
 
 
 async def test_ima_refuses_bad_vn_create(cp: Slice) -> None:
-    nc = cp._conns[0]
+    assert cp.client is not None
+    nc = cp.client.nc  # the operator's connection (``op`` when secured)
     for payload, code in [
         (b"{}", "bad_message"),
         (orjson.dumps({"kind": "vn_create", "alias": "x", "vn_id": 0}), "bad_message"),
