@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="period of warm-state saves while running (0: only on stop)")
     nve_run.add_argument("--metrics-port", type=int, default=-1,
                          help="serve Prometheus /metrics on this port (0: any free; -1: off)")
+    nve_run.add_argument("--enforce-placement", action="store_true",
+                         help="accept a VNIC only from the hypervisor the IMA places it on [5]")
+    nve_run.add_argument("--rate-per-s", type=float, default=0.0,
+                         help="requests per second per hypervisor; more are refused "
+                              "(rate_limited) so one cannot starve the others (0: unlimited)")
+    nve_run.add_argument("--burst", type=float, default=1000.0,
+                         help="requests a hypervisor may send at once above --rate-per-s")
     tables = nve_sub.add_parser("tables", help="show a running NVE's tables")
     _endpoint_args(tables)
     tables.add_argument("nve_id")

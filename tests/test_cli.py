@@ -168,3 +168,35 @@ async def test_vn_delete_refused_while_in_use(cp: Slice) -> None:
     rc, out, _ = await nvo3(cp, "vn", "list", "--json")
     assert [v["alias"] for v in orjson.loads(out)] == ["blue"]
     assert not any("/vn/alias/spare" in k for k in await cp.keys())
+
+
+async def test_nve_run_flags_limit_a_flooding_hypervisor(cp: Slice) -> None:
+    """`nvo3 nve run --rate-per-s/--burst` (issue 5: a flood cannot starve the others)."""
+    from agents.agent import AgentError, HypervisorAgent
+    from schemas.errors import ErrorCode
+
+    env = {**os.environ, "NVO3_NATS": ",".join(cp.ep.nats), "NVO3_ETCD": ",".join(cp.ep.etcd),
+           "NVO3_KEY_ROOT": cp.ep.key_root, "NVO3_SUBJECT_ROOT": cp.ep.subject_root}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nvo3.cli", "nve", "run", "--id", "nve9", "--underlay",
+        "192.0.2.9", "--rate-per-s", "2", "--burst", "5", "--enforce-placement", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        flood = HypervisorAgent("hv1", "nve9", await cp.nats("hv1"), subjects=cp.ep.subjects,
+                                timeout=1.0, attempts=20)
+        calm = HypervisorAgent("hv2", "nve9", await cp.nats("hv2"), subjects=cp.ep.subjects,
+                               timeout=1.0, attempts=20)
+        codes: list[str] = []
+        for i in range(12):
+            try:
+                await flood.shutdown(f"6f1c2c4e-2a3b-4c5d-8e9f-0a1b2c3d4e{i:02x}")
+            except AgentError as exc:
+                codes.append(exc.code)
+        assert ErrorCode.RATE_LIMITED in codes  # beyond the burst of 5
+        with pytest.raises(AgentError) as other:  # hv2 still gets a real answer
+            await calm.shutdown("6f1c2c4e-2a3b-4c5d-8e9f-0a1b2c3d4eff")
+        assert other.value.code == ErrorCode.UNKNOWN_VNIC
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
