@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -453,9 +453,12 @@ class NveCore:
     # ------------------------------------------------------ address (dis)assoc
 
     def _validate_entries(
-        self, vnic: Vnic, vn: VnRecord, entries: Iterable[AddressEntry], known: set[str]
+        self, vnic: Vnic, vn: VnRecord, entries: Iterable[AddressEntry], known: Container[str]
     ) -> None:
-        """Raise before any change if an entry conflicts (3.1: MAC unique per VN)."""
+        """Raise before any change if an entry conflicts (3.1: MAC unique per VN).
+
+        ``known``: the MACs the VNIC already has in the VN (the live dict, not a copy:
+        copying it made every request O(MACs of the VNIC))."""
         claimed: dict[str, str] = {}  # ip -> mac within this message
         for entry in entries:
             owner = self.mac_owner.get((vn.name, entry.mac))
@@ -518,7 +521,7 @@ class NveCore:
     def _associate(self, msg: AddrAssociate, vn: VnRecord) -> Outcome:
         vnic = self._owned_vnic(msg.vnic, msg.sender)
         att = self._attachment(vnic, vn.name)
-        self._validate_entries(vnic, vn, msg.entries, set(att.macs))
+        self._validate_entries(vnic, vn, msg.entries, att.macs)
         return Outcome(None, tuple(self._add_entries(vnic, att, msg.entries, msg.ts_ns)))
 
     def _check_ip_free(self, vn: str, ip: str, vnic: str, mac: str) -> None:
@@ -588,7 +591,7 @@ class NveCore:
     ) -> list[Effect]:
         vn = att.vn
         wanted = {e.mac: set(e.ips) for e in entries}
-        self._validate_entries(vnic, vn, entries, set(att.macs))
+        self._validate_entries(vnic, vn, entries, att.macs)
         removals: list[AddressEntry] = []
         for mac, ips in att.macs.items():
             if mac not in wanted:
@@ -819,7 +822,7 @@ class NveCore:
         if moving and not self._same_scope(vnic, msg.sender, msg.port):
             self._peek_tags(msg.sender, msg.port, [vn for vn in vnic.vns if vn not in held])
         for record, spec in specs:
-            self._validate_entries(vnic, record, spec.entries, set(vnic.vns[record.name].macs))
+            self._validate_entries(vnic, record, spec.entries, vnic.vns[record.name].macs)
         # -- validated: mutate from here on
         if moving and self._same_scope(vnic, msg.sender, msg.port):
             self._drop_pending(vnic)  # same tag space: the tags stay as they are
@@ -911,7 +914,7 @@ class NveCore:
         for record, addrs in wanted:
             att = probe.vns.get(record.name)
             self._validate_entries(probe, record, addrs.entries,
-                                   set() if att is None else set(att.macs))
+                                   () if att is None else att.macs)
         moving = vnic is not None and vnic.port != spec.port
         new_vns = [r.name for r, _ in wanted if vnic is None or moving or r.name not in vnic.vns]
         self._peek_tags(sender, spec.port, new_vns)
@@ -1018,7 +1021,7 @@ class NveCore:
                 ip=obs.ip,
             )
         entry = AddressEntry(mac=obs.mac, ips=(obs.ip,) if obs.ip else ())
-        self._validate_entries(vnic, att.vn, [entry], set(att.macs))
+        self._validate_entries(vnic, att.vn, [entry], att.macs)
         expiry = now_ns + self.timers.glean_ns
         ips = att.macs.get(obs.mac)
         new_mac = ips is None
