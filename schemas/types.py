@@ -26,12 +26,28 @@ _TOKEN_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 _ALIAS_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
+# Canonical spellings (fixed points of the normalizers below): the common case on the
+# hot path, returned as they are without the general parsing (tests/test_schemas.py
+# checks that the shortcut and the general path always agree).
+_CANONICAL_MAC = re.compile(r"[0-9a-f][02468ace](?::[0-9a-f]{2}){5}")  # unicast
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+_ZERO_MAC = "00:00:00:00:00:00"
+
+
 def normalize_mac(value: Any) -> str:
     """Accept ``AA:BB..``, ``aa-bb-..`` or ``aabb..``; refuse group and zero MACs.
 
     A VNIC's address must be a unicast station address [3.1]: broadcast,
     multicast (I/G bit set) and all-zero MACs can never identify one VNIC.
     """
+    if type(value) is str and _CANONICAL_MAC.fullmatch(value) and value != _ZERO_MAC:
+        return value
+    return _normalize_mac(value)
+
+
+def _normalize_mac(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("MAC must be a string")
     text = value.strip().lower()
@@ -53,6 +69,12 @@ def normalize_ip_entry(value: Any) -> str:
     is signalled as a mask.  Host bits set in a prefix are refused rather than
     silently masked, so a typo cannot claim someone else's range.
     """
+    if type(value) is str and _CANONICAL_IPV4.fullmatch(value):
+        return value  # a host address, already as ``str(ip_network(value))`` spells it
+    return _normalize_ip_entry(value)
+
+
+def _normalize_ip_entry(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("IP entry must be a string")
     try:
@@ -65,6 +87,12 @@ def normalize_ip_entry(value: Any) -> str:
 
 
 def normalize_uuid(value: Any) -> str:
+    if type(value) is str and _CANONICAL_UUID.fullmatch(value):
+        return value
+    return _normalize_uuid(value)
+
+
+def _normalize_uuid(value: Any) -> str:
     if isinstance(value, uuid.UUID):
         return str(value)
     if not isinstance(value, str):

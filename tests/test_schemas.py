@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import uuid
+from typing import Any
 
 import orjson
 import pytest
@@ -539,3 +540,55 @@ def test_addr_associate_round_trips_through_the_wire(msg: AddrAssociate) -> None
     decoded = wire.decode_hypervisor(data)
     assert decoded == msg
     assert wire.dumps(decoded) == data
+
+
+# ------------------------------------------- hot-path shortcuts of the normalizers
+
+
+def _outcome(fn: Any, value: Any) -> tuple[str, str]:
+    try:
+        return ("ok", fn(value))
+    except ValueError:
+        return ("refused", "")
+
+
+_HEX = "0123456789abcdefABCDEF"
+_MAC_LIKE = st.one_of(
+    st.lists(st.text(_HEX, min_size=2, max_size=2), min_size=6, max_size=6).flatmap(
+        lambda octets: st.sampled_from([":", "-", ""]).map(lambda sep: sep.join(octets))),
+    st.text(_HEX + ":-. ", max_size=20),
+)
+_UUID_LIKE = st.one_of(st.uuids().map(str), st.uuids().map(lambda u: str(u).upper()),
+                       st.uuids().map(lambda u: u.hex), st.text(_HEX + "-{} ", max_size=40))
+_IP_LIKE = st.one_of(
+    st.ip_addresses().map(str),
+    st.lists(st.integers(0, 300), min_size=4, max_size=4).map(
+        lambda o: ".".join(map(str, o))),
+    st.lists(st.text("0123456789", min_size=1, max_size=4), min_size=4, max_size=4).map(
+        ".".join),
+    st.text("0123456789./: abcdef", max_size=20),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_MAC_LIKE)
+def test_mac_shortcut_agrees_with_the_general_path(value: str) -> None:
+    from schemas.types import _normalize_mac, normalize_mac
+
+    assert _outcome(normalize_mac, value) == _outcome(_normalize_mac, value)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_UUID_LIKE)
+def test_uuid_shortcut_agrees_with_the_general_path(value: str) -> None:
+    from schemas.types import _normalize_uuid, normalize_uuid
+
+    assert _outcome(normalize_uuid, value) == _outcome(_normalize_uuid, value)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_IP_LIKE)
+def test_ip_shortcut_agrees_with_the_general_path(value: str) -> None:
+    from schemas.types import _normalize_ip_entry, normalize_ip_entry
+
+    assert _outcome(normalize_ip_entry, value) == _outcome(_normalize_ip_entry, value)
