@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from nve.construct import construct_unchecked
 from nve.effects import (
     BindIp,
     BindMac,
@@ -1103,35 +1104,25 @@ class NveCore:
         return att
 
     # Bindings are built from already-validated parts (the underlay is checked once
-    # in __init__), so they skip validation: it was a fifth of the NVE's CPU time.
+    # in __init__), so they skip validation (it was a fifth of the NVE's CPU time), with
+    # every field in model order: ``orjson.dumps(vars(b))`` is then the canonical record.
     def _mac_binding(self, vnic: Vnic, vn: VnRecord, mac: str, ts_ns: int) -> MacBinding:
-        return MacBinding.model_construct(
-            vn=vn.name,
-            vni=vn.vni,
-            mac=mac,
-            vnic=vnic.name,
-            nve=self.nve_id,
-            underlay=self.underlay,
-            epoch=self.epoch,
-            ts_ns=ts_ns,
-            trace=self._trace,
-        )
+        binding: MacBinding = construct_unchecked(MacBinding, {
+            "v": 1, "vn": vn.name, "vni": vn.vni, "mac": mac, "vnic": vnic.name,
+            "nve": self.nve_id, "underlay": self.underlay, "epoch": self.epoch,
+            "ts_ns": ts_ns, "mobility_seq": 0, "moves_ns": (), "trace": self._trace,
+        }, _MAC_FIELDS)
+        return binding
 
     def _ip_binding(
         self, vnic: Vnic, vn: VnRecord, mac: str, ip: str, ts_ns: int
     ) -> IpBinding:
-        return IpBinding.model_construct(
-            vn=vn.name,
-            vni=vn.vni,
-            ip=ip,
-            mac=mac,
-            vnic=vnic.name,
-            nve=self.nve_id,
-            underlay=self.underlay,
-            epoch=self.epoch,
-            ts_ns=ts_ns,
-            trace=self._trace,
-        )
+        binding: IpBinding = construct_unchecked(IpBinding, {
+            "v": 1, "vn": vn.name, "vni": vn.vni, "ip": ip, "mac": mac, "vnic": vnic.name,
+            "nve": self.nve_id, "underlay": self.underlay, "epoch": self.epoch,
+            "ts_ns": ts_ns, "mobility_seq": 0, "moves_ns": (), "trace": self._trace,
+        }, _IP_FIELDS)
+        return binding
 
     # ------------------------------------------------------------- snapshots
 
@@ -1192,6 +1183,10 @@ class NveCore:
                 for vn, r in sorted(self.remote.vns.items())
             },
         }
+
+
+_MAC_FIELDS = set(MacBinding.model_fields)
+_IP_FIELDS = set(IpBinding.model_fields)
 
 
 def _need(vn: VnRecord | None) -> VnRecord:

@@ -308,11 +308,15 @@ class NveService:
             if isinstance(eff, BindMac):
                 b = eff.binding
                 key = keys.mac(b.vn, b.mac)
-                ops.append(WriteClaim(key, "mac", b) if eff.claim else WritePut(key, _json(b)))
+                # The core builds bindings with every field in model order, so their
+                # field dict is the canonical record (tests/test_core.py checks it).
+                ops.append(WriteClaim(key, "mac", b) if eff.claim
+                           else WritePut(key, orjson.dumps(vars(b))))
             elif isinstance(eff, BindIp):
                 ib = eff.binding
                 key = keys.ip(ib.vn, ib.ip)
-                ops.append(WriteClaim(key, "ip", ib) if eff.claim else WritePut(key, _json(ib)))
+                ops.append(WriteClaim(key, "ip", ib) if eff.claim
+                           else WritePut(key, orjson.dumps(vars(ib))))
             elif isinstance(eff, UnbindMac):
                 ops.append(WriteDelete(keys.mac(eff.vn, eff.mac)))
             elif isinstance(eff, UnbindIp):

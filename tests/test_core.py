@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 
 from nve.core import NveCore, Outcome
@@ -279,6 +280,14 @@ def test_associate_binds_only_new_addresses(core: NveCore, hv1: Hv) -> None:
     assert bind.binding == MacBinding(
         vn=L2.name, vni=5000, mac=MAC1, vnic=VNIC_A, nve=NVE, underlay=UNDERLAY, ts_ns=0
     )
+    # Built without validation, every field in model order: the field dict is the
+    # canonical record the NVE writes, and reading it back gives the same binding.
+    for effect in out.effects:
+        assert isinstance(effect, BindMac | BindIp)
+        b = effect.binding
+        record = orjson.dumps(vars(b))
+        assert record == orjson.dumps(b.model_dump(mode="json"))
+        assert type(b).model_validate_json(record) == b
     out = hv1.associate(VNIC_A, L2, (MAC1, ("10.0.0.1", "10.0.0.2")), (MAC2, ("10.9.0.0/16",)))
     assert keys(out.effects) == [
         ("bind_ip", L2.name, "10.0.0.2", MAC1),
