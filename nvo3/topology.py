@@ -100,6 +100,8 @@ class NveSpec(Strict):
     id: NveId
     underlay: UnderlayIp
     lease_ttl: int = Field(default=5, ge=1)
+    rate_per_s: float = Field(default=0.0, ge=0)  # per-hypervisor request limit (0: none)
+    burst: float = Field(default=1000.0, gt=0)
 
 
 class AgentFile(Strict):
@@ -385,6 +387,8 @@ def topology_plan(
     for nve in t.nves:
         command = ["nvo3", "nve", "run", "--id", nve.id, "--underlay", nve.underlay]
         command += ["--lease-ttl", str(nve.lease_ttl)] if nve.lease_ttl != 5 else []
+        if nve.rate_per_s:
+            command += ["--rate-per-s", f"{nve.rate_per_s:g}", "--burst", f"{nve.burst:g}"]
         add(nve.id, "nve", command, health=cli_check("nve", "tables", nve.id, "--json"))
     inv_dir = work / "inventories"
     for inventory, file in source.inventories:
