@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.agent import HypervisorAgent
+from agents.service import AgentService
 from ima.client import ImaClient
 from ima.service import ImaService
 from ima.store import EtcdStore
@@ -129,6 +130,14 @@ class ControlPlane:
     async def agent(self, hypervisor: str, nve: str, **options: Any) -> HypervisorAgent:
         nc = await self.nats(hypervisor, identity=hv_identity(hypervisor))
         return HypervisorAgent(hypervisor, nve, nc, subjects=self.ep.subjects, **options)
+
+    async def agent_service(self, hypervisor: str, nve: str, **options: Any) -> AgentService:
+        """An agent sidecar (resyncs on NVE epochs, answers state queries), running
+        until ``stop()``."""
+        service = AgentService(await self.agent(hypervisor, nve, **options))
+        self._tasks.append(asyncio.create_task(service.run()))
+        await service.ready.wait()
+        return service
 
     async def wait(self, nve: str, predicate: Any) -> None:
         async with asyncio.timeout(WAIT):

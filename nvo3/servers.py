@@ -460,8 +460,24 @@ class _ServerProcess:
 
     kind: str
     name: str
+    workdir: Path
     process: ManagedProcess | None
     ready_timeout: float
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / self.name
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.alive
+
+    def wipe(self) -> None:
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def started(self) -> bool:
         raise NotImplementedError
@@ -551,22 +567,11 @@ class NatsServer(_ServerProcess):
     def monitor_url(self) -> str:
         return f"http://{HOST}:{self.monitor_port}"
 
-    @property
-    def data_dir(self) -> Path:
-        return self.workdir / self.name
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"{self.name}.log"
 
     @property
     def config_path(self) -> Path:
         """The generated config file of secure mode (next to the data dir, not in it)."""
         return self.workdir / f"{self.name}.conf"
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.alive
 
     def assign_ports(self) -> None:
         self.port = free_port()
@@ -601,9 +606,6 @@ class NatsServer(_ServerProcess):
         self.write_config()
         if self.process is not None and self.process.alive:
             self.process.hangup()
-
-    def wipe(self) -> None:
-        shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def argv(self) -> list[str]:
         if self.credentials is not None:
@@ -709,24 +711,10 @@ class EtcdServer(_ServerProcess):
     def peer_url(self) -> str:
         return f"{self.scheme}://{HOST}:{self.peer_port}"
 
-    @property
-    def data_dir(self) -> Path:
-        return self.workdir / self.name
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"{self.name}.log"
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.alive
 
     def assign_ports(self) -> None:
         self.client_port = free_port()
         self.peer_port = free_port()
-
-    def wipe(self) -> None:
-        shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def argv(self) -> list[str]:
         return [

@@ -42,14 +42,7 @@ async def cp(cluster: LocalServers, key_prefix: str, subject_root: str) -> Async
 
 
 async def agent_service(cp: Slice, hv: str, nve: str) -> AgentService:
-    from agents.agent import HypervisorAgent
-
-    agent = HypervisorAgent(hv, nve, await cp.nats(hv), subjects=cp.ep.subjects,
-                            timeout=2.0, attempts=10)
-    service = AgentService(agent)
-    cp._tasks.append(asyncio.create_task(service.run()))
-    await service.ready.wait()
-    return service
+    return await cp.agent_service(hv, nve, timeout=2.0, attempts=10)
 
 
 async def load(svc: AgentService, vnic: str, n: int, offset: int) -> None:

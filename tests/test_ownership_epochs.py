@@ -19,7 +19,6 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agents.agent import HypervisorAgent
 from agents.service import AgentService
 from nve.registration import Superseded
 from nve.remote import RemoteTable
@@ -105,14 +104,6 @@ async def cp(
         await s.stop()
 
 
-async def agent_service(cp: Slice, hv: str, nve: str) -> AgentService:
-    agent = HypervisorAgent(hv, nve, await cp.nats(hv), subjects=cp.ep.subjects)
-    service = AgentService(agent)
-    cp._tasks.append(asyncio.create_task(service.run()))
-    await service.ready.wait()
-    return service
-
-
 async def populate(svc: AgentService, label: str, n: int) -> None:
     await svc.agent.connect(vnic(label), "eth0", BLUE)
     await svc.agent.associate(vnic(label), BLUE, tuple(
@@ -128,8 +119,8 @@ def foreign(nve: NveService, owner: str) -> list[MacBinding | object]:
 async def test_restart_after_a_crash_withdraws_leftovers_before_the_lease_ttl(
     cp: Slice,
 ) -> None:
-    hv1 = await agent_service(cp, "hv1", "nve1")
-    hv3 = await agent_service(cp, "hv3", "nve2")
+    hv1 = await cp.agent_service("hv1", "nve1")
+    hv3 = await cp.agent_service("hv3", "nve2")
     await populate(hv3, "remote", 1)  # nve2 serves blue, so it follows it
     await populate(hv1, "a", 3)
     nve2 = cp.nves["nve2"]
@@ -153,8 +144,8 @@ async def test_restart_after_a_crash_withdraws_leftovers_before_the_lease_ttl(
 
 @pytest.mark.integration
 async def test_a_new_incarnation_republishes_and_is_trusted(cp: Slice) -> None:
-    hv1 = await agent_service(cp, "hv1", "nve1")
-    hv3 = await agent_service(cp, "hv3", "nve2")
+    hv1 = await cp.agent_service("hv1", "nve1")
+    hv3 = await cp.agent_service("hv3", "nve2")
     await populate(hv3, "remote", 1)
     await populate(hv1, "a", 2)
     nve2 = cp.nves["nve2"]
@@ -235,8 +226,8 @@ async def test_warm_state_is_saved_while_running_so_a_crash_leaves_one(
     await cp.stop_nve("nve1")
     await cp.start_nve("nve1", "192.0.2.1", announce_s=0.2, lease_ttl=30, state_file=state,
                        state_save_s=0.1)
-    hv1 = await agent_service(cp, "hv1", "nve1")
-    hv3 = await agent_service(cp, "hv3", "nve2")
+    hv1 = await cp.agent_service("hv1", "nve1")
+    hv3 = await cp.agent_service("hv3", "nve2")
     await hv1.agent.connect(vnic("a"), "eth0", BLUE)
     await populate(hv3, "c", 3)
     nve1 = cp.nves["nve1"]

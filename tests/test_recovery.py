@@ -51,15 +51,6 @@ async def cp(
         await s.stop()
 
 
-async def agent_service(cp: Slice, hv: str, nve: str, **kw: object) -> AgentService:
-    agent = HypervisorAgent(hv, nve, await cp.nats(hv), subjects=cp.ep.subjects,
-                            **kw)  # type: ignore[arg-type]
-    service = AgentService(agent)
-    cp._tasks.append(asyncio.create_task(service.run()))
-    await service.ready.wait()
-    return service
-
-
 async def populate(svc: AgentService, label: str, n: int) -> None:
     agent = svc.agent
     await agent.connect(vnic(label), "eth0", BLUE)
@@ -92,8 +83,8 @@ async def restart_nve(cp: Slice, nve_id: str) -> None:
 
 
 async def test_nve_restart_is_resynced_from_agents(cp: Slice) -> None:
-    hv1 = await agent_service(cp, "hv1", "nve1")
-    hv3 = await agent_service(cp, "hv3", "nve2")
+    hv1 = await cp.agent_service("hv1", "nve1")
+    hv3 = await cp.agent_service("hv3", "nve2")
     await populate(hv1, "a", 4)
     await populate(hv3, "c", 3)
     assert (await converged(cp, ["hv1", "hv3"]))["lost"] == 0
@@ -108,7 +99,7 @@ async def test_nve_restart_is_resynced_from_agents(cp: Slice) -> None:
 
 
 async def test_agent_restart_resends_state_and_changes_nothing(cp: Slice) -> None:
-    hv1 = await agent_service(cp, "hv1", "nve1")
+    hv1 = await cp.agent_service("hv1", "nve1")
     await populate(hv1, "a", 5)
     writes = cp.nves["nve1"].counters["ima_puts"] + cp.nves["nve1"].counters["ima_deletes"]
     again = HypervisorAgent("hv1", "nve1", await cp.nats("hv1-again"), subjects=cp.ep.subjects)
@@ -121,7 +112,7 @@ async def test_agent_restart_resends_state_and_changes_nothing(cp: Slice) -> Non
 
 
 async def test_event_emitted_while_nve_is_down_is_applied_when_it_is_back(cp: Slice) -> None:
-    hv1 = await agent_service(cp, "hv1", "nve1", timeout=0.2, attempts=2)
+    hv1 = await cp.agent_service("hv1", "nve1", timeout=0.2, attempts=2)
     await populate(hv1, "a", 2)
     old = await cp.stop_nve("nve1")
     with pytest.raises(NveUnreachable):
@@ -198,7 +189,7 @@ async def test_watcher_behind_a_compaction_relists(
 
 
 async def test_checker_finds_lost_and_stale(cp: Slice) -> None:
-    hv1 = await agent_service(cp, "hv1", "nve1")
+    hv1 = await cp.agent_service("hv1", "nve1")
     await populate(hv1, "a", 2)
     assert (await converged(cp, ["hv1"]))["lost"] == 0
     from tests.test_cli import nvo3
@@ -224,7 +215,7 @@ async def test_checker_finds_lost_and_stale(cp: Slice) -> None:
 
 
 async def test_lost_lease_is_retaken_and_bindings_republished(cp: Slice) -> None:
-    hv1 = await agent_service(cp, "hv1", "nve1")
+    hv1 = await cp.agent_service("hv1", "nve1")
     await populate(hv1, "a", 3)
     nve1 = cp.nves["nve1"]
     old_lease = nve1.lease_id
@@ -247,7 +238,7 @@ async def test_requests_dropped_by_a_slow_consumer_trigger_a_counted_resync(
     try:
         assert s.client is not None
         await s.client.create("blue")
-        hv1 = await agent_service(s, "hv1", "nve1")
+        hv1 = await s.agent_service("hv1", "nve1")
         await populate(hv1, "a", 2)
         flood = s._conns[0]
         junk = orjson.dumps({"v": 1, "kind": "vnic_shutdown", "sender": "hv8", "seq": 1,
@@ -271,8 +262,8 @@ async def test_warm_restart_resumes_watches_instead_of_relisting(
     state = str(pathlib.Path(str(tmp_path)) / "nve1.state")
     await cp.stop_nve("nve1")
     await cp.start_nve("nve1", "192.0.2.1", announce_s=0.2, lease_ttl=2, state_file=state)
-    hv1 = await agent_service(cp, "hv1", "nve1")
-    hv3 = await agent_service(cp, "hv3", "nve2")
+    hv1 = await cp.agent_service("hv1", "nve1")
+    hv3 = await cp.agent_service("hv3", "nve2")
     await populate(hv3, "c", 3)  # remote bindings for nve1
     await hv1.agent.connect(vnic("a"), "eth0", BLUE)
     await cp.wait("nve1", lambda: cp.nves["nve1"].core.remote.size() == 6)
