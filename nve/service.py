@@ -45,6 +45,7 @@ from schemas.messages import (
     OkReply,
     VnRef,
 )
+from schemas.operator import TablesQuery
 from schemas.profile import VnProfile
 from schemas.records import NveRecord, Placement, VnAttachment, VnRecord
 from schemas.subjects import Subjects
@@ -86,6 +87,16 @@ def _json(model: Any) -> bytes:
     return orjson.dumps(model.model_dump(mode="json"))
 
 
+def _percentiles(samples: deque[tuple[int, int]], since_ns: int = 0) -> dict[str, float]:
+    """p50/p99/max in ms of (received_ns, duration_ns) samples received after ``since_ns``."""
+    ordered = sorted(d for at, d in samples if at > since_ns)
+    if not ordered:
+        return {"n": 0}
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6, 3)
+    return {"n": len(ordered), "p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1] / 1e6, 3)}
+
+
 def _ignore(key: str, value: bytes, revision: int) -> None:
     del key, value, revision
 
@@ -112,6 +123,11 @@ class NveService:
         self.resync_seq = 0  # bumped when NATS dropped requests meant for us
         self.counters: Counter[str] = Counter()
         self.latencies: deque[int] = deque(maxlen=200_000)
+        #: Where a request's time goes, ns, last 10 000 requests: "receive" = agent publish
+        #: -> NVE picks it up (NATS and the NVE's queue); "commit" = picked up -> its IMA
+        #: writes are durable (decode, apply, the writer's queue and etcd).
+        self.stages: dict[str, deque[tuple[int, int]]] = {  # (received_ns, duration_ns)
+            "receive": deque(maxlen=10_000), "commit": deque(maxlen=10_000)}
         self.writer = ImaWriter(store, self.counters, config.nve_id, config.mobility)
         self.resolver = VnResolver(VnRegistry(store, self.layout))
         self.epoch = time.time_ns()  # this incarnation; newer than any earlier one [issue 4]
@@ -226,6 +242,7 @@ class NveService:
         """One hypervisor request; never raises for anything the sender did."""
         seq: int | None = None
         kind = "?"
+        received = time.time_ns()
         try:
             parsed = self.subjects.parse_hv_request(msg.subject)
             if parsed is None:
@@ -253,6 +270,8 @@ class NveService:
                                               details={k: str(v) for k, v in exc.fields.items()}))
             return
         self.counters[f"messages.{kind}"] += 1
+        if request.ts_ns:  # the agent's publish time (same host clock, or synchronized)
+            self.stages["receive"].append((received, received - request.ts_ns))
         if request.trace and _log.isEnabledFor(logging.DEBUG):
             _log.debug("applied %s seq=%d from %s: %d IMA ops", kind, seq, request.sender,
                        len(outcome.effects), extra={"trace": request.trace,
@@ -266,7 +285,7 @@ class NveService:
         reply = OkReply(seq=seq, op=kind, result=outcome.result, results=outcome.results,
                         ima_ops=len(ops), refused=dict(outcome.refused), epoch=self.epoch)
         self._changed.set()
-        task = asyncio.create_task(self._reply_when(done, msg, reply))
+        task = asyncio.create_task(self._reply_when(done, msg, reply, received))
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
 
@@ -335,9 +354,11 @@ class NveService:
         return WritePut(self.layout.vn_attached(vn, self.config.nve_id), _json(record))
 
     async def _reply_when(
-        self, done: asyncio.Future[WriteReport], msg: Msg, reply: OkReply
+        self, done: asyncio.Future[WriteReport], msg: Msg, reply: OkReply, received: int = 0
     ) -> None:
         report = await done
+        if received:
+            self.stages["commit"].append((received, time.time_ns() - received))
         failure: ErrorReply | None = None
         lost = [key for key in report.lost if self.layout.parse_map_key(key) is not None]
         if lost:
@@ -574,11 +595,18 @@ class NveService:
         async for msg in sub.messages:
             if not msg.reply:
                 continue
-            data = orjson.dumps(self.snapshot())
+            try:
+                query = (decode_model(msg.data, TablesQuery) if msg.data.strip(b" {}")
+                         else TablesQuery())
+            except ProtocolError as exc:
+                await self._reply(msg, ErrorReply(code=exc.code, reason=exc.reason))
+                continue
+            snap = self.snapshot(query.stages_since_ns)
+            data = orjson.dumps(snap)
             if len(data) > self.nc.max_payload:
                 # Too big for one NATS message: answer with what fits, and say so.
                 self.counters["tables_truncated"] += 1
-                summary = {k: v for k, v in self.snapshot().items()
+                summary = {k: v for k, v in snap.items()
                            if k not in ("vnics", "ports", "remote")}
                 summary["truncated"] = (f"tables are {len(data)} bytes, over NATS "
                                         f"max_payload {self.nc.max_payload}; use etcdctl")
@@ -587,11 +615,13 @@ class NveService:
                 data = orjson.dumps(summary)
             await self.nc.publish(msg.reply, data)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, stages_since_ns: int = 0) -> dict[str, Any]:
         tables = self.core.tables()
         tables["epoch"] = self.epoch
         tables["counters"] = dict(sorted(self.counters.items()))
         tables["queue_depth"] = self.writer.depth
+        tables["stages_ms"] = {name: _percentiles(samples, stages_since_ns)
+                               for name, samples in self.stages.items()}
         return tables
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:

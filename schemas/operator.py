@@ -74,8 +74,13 @@ class VnListReply(Strict):
 
 
 class TablesQuery(Strict):
+    """``nvo3 nve tables``; an empty payload is the same as the defaults."""
+
     v: Literal[1] = PROTOCOL_VERSION
     kind: Literal["tables_query"] = "tables_query"
+    #: Stage latencies (``stages_ms``) only over requests received after this time (ns,
+    #: the NVE's clock); 0: its last 10 000 requests.
+    stages_since_ns: int = Field(default=0, ge=0)
 
 
 class ProfileSet(Strict):

@@ -205,3 +205,27 @@ async def test_a_deleted_vn_is_forgotten_by_nves_and_can_be_created_again(cp: Sl
     assert second.vn.name != first.vn.name
     result = await hv1.connect(vnic("g"), "eth0", green)
     assert result.vn_name == second.vn.name  # not the deleted VN's cached record
+
+
+async def test_tables_report_where_request_time_went(cp: Slice) -> None:
+    """`stages_ms`: agent publish -> NVE picks it up, and -> its IMA writes are durable."""
+    import time
+
+    from schemas.operator import TablesQuery
+    from schemas.wire import dumps
+
+    hv1 = await cp.agent("hv1", "nve1")
+    await hv1.connect(vnic("s"), "eth0", BLUE)
+    await hv1.associate(vnic("s"), BLUE, (AddressEntry(mac="02:00:00:00:55:01"),))
+    nc = cp._conns[0]
+    subject = cp.ep.subjects.nve_tables("nve1")
+    stages = orjson.loads((await nc.request(subject, b"{}", timeout=5)).data)["stages_ms"]
+    assert stages["receive"]["n"] >= 2
+    assert stages["commit"]["n"] >= 2
+    assert 0 <= stages["commit"]["p50"] <= stages["commit"]["max"]
+    later = dumps(TablesQuery(stages_since_ns=time.time_ns()))
+    assert orjson.loads((await nc.request(subject, later, timeout=5)).data)["stages_ms"] == {
+        "receive": {"n": 0}, "commit": {"n": 0}}
+    bad = orjson.loads((await nc.request(subject, b'{"stages_since_ns": -1}', timeout=5)).data)
+    assert bad["kind"] == "error"
+    assert bad["code"] == "bad_message"
