@@ -740,7 +740,10 @@ async def stage_latency(run: Run) -> None:
     lat = [x / 1e6 for x in run.nve2.latencies]
     p50, p99, mx = _pct(lat, 0.5), _pct(lat, 0.99), max(lat) if lat else float("nan")
     # Where the time went, at nve1, over this stage's requests only.
-    stages = (await run.nve1.snapshot(run.nc, stages_since_ns=since)).get("stages_ms", {})
+    snap = await run.nve1.snapshot(run.nc, stages_since_ns=since)
+    stages = snap.get("stages_ms", {})
+    gc_max = {k.rsplit(".", 1)[1]: v / 1000 for k, v in snap.get("counters", {}).items()
+              if k.startswith("gc_pause_us_max.")}
     run.res.details["latency"] = {"samples": len(lat), **acks, "nve1_stages_ms": stages}
 
     def stage(q: str) -> str:
@@ -752,7 +755,8 @@ async def stage_latency(run: Run) -> None:
                        note=f"agent ack p50 {acks['ack_p50_ms']:.2f} ms; {stage('p50')}"))
     run.res.add(Figure("propagation p99 @1k/s", p99, "ms", "etcd_put_watch_p99_ms",
                        "<= 10 ms", p99 <= 10.0,
-                       note=f"agent ack p99 {acks['ack_p99_ms']:.2f} ms; {stage('p99')}"))
+                       note=f"agent ack p99 {acks['ack_p99_ms']:.2f} ms; {stage('p99')}; "
+                            f"nve1 longest GC pause so far (ms) {gc_max}"))
     run.res.add(Figure("propagation max @1k/s", mx, "ms", "etcd_put_watch_p50_ms"))
 
 

@@ -49,6 +49,9 @@ async def run_nve(args: argparse.Namespace) -> int:
                            reply_prefix=AGENT_REPLY_PREFIX if ep.secure else None)
         service = NveService(config, nc, store, layout=ep.layout, subjects=ep.subjects)
         relay.add(service.on_nats_error)
+        from nvo3.gc_watch import watch_gc
+
+        watch_gc(service.counters)
         if args.metrics_port >= 0:
             from nvo3.metrics import serve_metrics
 

@@ -192,3 +192,20 @@ async def test_ima_run_and_agent_run_serve_metrics(cp: Slice, tmp_path: Path) ->
     assert sample(agent_text, 'nvo3_agent_requests_total{hv="hv9",kind="hv_sync"}') == 1.0
     assert sample(agent_text, 'nvo3_agent_desired_vnics{hv="hv9"}') == 1.0
     assert "# TYPE nvo3_agent_request_rtt_seconds histogram" in agent_text
+
+
+def test_gc_pauses_are_counted_per_generation() -> None:
+    import gc
+    from collections import Counter
+
+    from nvo3.gc_watch import watch_gc
+
+    counters: Counter[str] = Counter()
+    callback = watch_gc(counters)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+    assert counters["gc_collections.gen2"] >= 1
+    assert counters["gc_pause_us_max.gen2"] >= 0
+    assert counters["gc_pause_us_total.gen2"] >= counters["gc_pause_us_max.gen2"]
