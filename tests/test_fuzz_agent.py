@@ -19,16 +19,16 @@ from typing import Any
 import orjson
 import pytest
 import pytest_asyncio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from agents.service import AgentService
 from nvo3.harness import ControlPlane, start_control_plane
 from nvo3.servers import LocalServers
-from schemas.errors import ErrorCode
+from schemas.errors import ErrorCode, ProtocolError
 from schemas.messages import ErrorReply, OkReply, VnRef
 from schemas.operator import AgentCommand
-from schemas.wire import decode_reply, dumps
+from schemas.wire import decode_model, decode_reply, dumps
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -94,7 +94,18 @@ def bad_commands(draw: st.DrawFn) -> bytes:
         obj.pop("entries", None)
         head = orjson.dumps(obj)[:-1]
         return head + b',"entries":' + b"[" * depth + b"]" * depth + b"}"
-    return orjson.dumps(obj)
+    payload = orjson.dumps(obj)
+    if how not in ("needs_vn", "needs_port"):
+        assume(not _decodes(payload))  # a mutation may happen to be valid: not a refusal
+    return payload
+
+
+def _decodes(payload: bytes) -> bool:
+    try:
+        decode_model(payload, AgentCommand)
+    except ProtocolError:
+        return False
+    return True
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
