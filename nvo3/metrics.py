@@ -115,20 +115,33 @@ class NveCollector(Collector):
         queues.add_metric([nve, "nats_requests"], float(sub.pending_msgs if sub else 0))
         yield queues
         yield from _store_families("nvo3_nve", svc.store, ["nve"], [nve])
-        latencies = sorted(v / 1e9 for v in list(svc.latencies))
-        buckets = []
-        i = 0
-        for bound in BUCKETS_S:
-            while i < len(latencies) and latencies[i] <= bound:
-                i += 1
-            buckets.append((str(bound), float(i)))
-        buckets.append(("+Inf", float(len(latencies))))
+        latencies = [v / 1e9 for v in list(svc.latencies)]
         hist = HistogramMetricFamily(
             "nvo3_propagation_seconds",
             "Agent publish to this NVE's remote table (last 200k events)",
             labels=["nve"])
-        hist.add_metric([nve], buckets, sum_value=sum(latencies))
+        hist.add_metric([nve], *_buckets(latencies))
         yield hist
+        stages = HistogramMetricFamily(
+            "nvo3_nve_request_stage_seconds",
+            "Where a request's time goes (last 10k requests): receive = agent publish to "
+            "NVE pick-up, commit = pick-up to IMA writes durable", labels=["nve", "stage"])
+        for name, samples in svc.stages.items():
+            stages.add_metric([nve, name], *_buckets([d / 1e9 for _, d in list(samples)]))
+        yield stages
+
+
+def _buckets(seconds: list[float]) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative histogram buckets (BUCKETS_S, then +Inf) and the sum."""
+    ordered = sorted(seconds)
+    buckets = []
+    i = 0
+    for bound in BUCKETS_S:
+        while i < len(ordered) and ordered[i] <= bound:
+            i += 1
+        buckets.append((str(bound), float(i)))
+    buckets.append(("+Inf", float(len(ordered))))
+    return buckets, sum(ordered)
 
 
 # --------------------------------------------------------------------------- IMA

@@ -57,6 +57,9 @@ async def test_nve_exposes_counters_tables_and_propagation_latency(cp: Slice) ->
     assert 'nvo3_nve_table_entries{nve="nve2",table="remote_bindings"} 2.0' in text
     assert 'nvo3_propagation_seconds_count{nve="nve2"} 2.0' in text
     assert "nvo3_nve_ima_queue_depth" in text
+    # nve2 served one request (hv3's connect): both of its stages are counted.
+    assert 'nvo3_nve_request_stage_seconds_count{nve="nve2",stage="receive"} 1.0' in text
+    assert 'nvo3_nve_request_stage_seconds_count{nve="nve2",stage="commit"} 1.0' in text
 
 
 async def test_nve_exposes_errors_by_code_queue_depths_and_etcd_calls(cp: Slice) -> None:
