@@ -190,9 +190,15 @@ class HypervisorAgent:
                 self.counters[f"replies.{reply.code}"] += 1
                 if reply.code == ErrorCode.STALE_SEQ and attempt < self.attempts:
                     # Overtaken by a newer request of ours: same content, new number.
+                    # Applied now, it lands after that newer request, which it may undo
+                    # (a shutdown after the startup that overtook it, or an hv_sync's
+                    # older snapshot), so the NVE also gets a full resync from the
+                    # desired state at its next epoch announcement (agents.service).
                     message = message.model_copy(update={"seq": next(self._seq)})
                     payload = dumps(message)
                     self.counters[f"retransmits.{message.kind}"] += 1
+                    self.counters["resyncs_after_stale_seq"] += 1
+                    self.unsynced.add(nve)
                     continue
                 raise AgentError(reply)
             self.counters["replies.ok"] += 1

@@ -277,3 +277,23 @@ async def test_warm_restart_resumes_watches_instead_of_relisting(
     assert new.counters["warm_resumes"] == 1
     assert new.counters["relists"] == 0  # resumed from the saved revision: no listing
     assert (await converged(cp, ["hv1", "hv3"]))["lost"] == 0
+
+
+async def test_an_overtaken_request_is_resent_and_then_the_state_resynced(cp: Slice) -> None:
+    """A request refused as stale_seq is renumbered and applied after the newer one that
+    overtook it; the agent then resyncs its desired state, so the NVE ends as intended.
+    (Found by `make chaos`: a retransmitted shutdown landed after the startup.)"""
+    from schemas.messages import VnicShutdown
+
+    svc = await cp.agent_service("hv1", "nve1")
+    agent, nve1 = svc.agent, cp.nves["nve1"]
+    await populate(svc, "a", 1)
+    late = VnicShutdown(vnic=vnic("a"), **agent._envelope())  # numbered before ...
+    await agent.shutdown(vnic("a"))
+    await agent.startup(vnic("a"))  # ... these two, which are applied first
+    resyncs = svc.counters["resyncs_after_unreachable"]
+    await agent.send(late, "nve1")  # stale_seq, renumbered, applied: the VNIC goes down
+    assert agent.counters["resyncs_after_stale_seq"] == 1
+    await cp.wait("nve1", lambda: svc.counters["resyncs_after_unreachable"] > resyncs)
+    await cp.wait("nve1", lambda: nve1.core.tables()["vnics"][vnic("a")]["state"] == "up")
+    assert (await converged(cp, ["hv1"]))["lost"] == 0
