@@ -33,6 +33,7 @@ from agents.agent import AgentError, HypervisorAgent, NveUnreachable
 from agents.service import AgentService
 from ima.client import ImaClient
 from ima.service import ImaService
+from ima.store import StoreError
 from nvo3.check import gather_and_check
 from nvo3.connect import Endpoints, connect_nats, open_store
 from nvo3.progress import Progress
@@ -276,7 +277,7 @@ class Chaos:
             await self.churn(3)
             # While it sleeps: history is compacted and every etcd member bounces once,
             # so each of its watch streams must resume from a compacted revision.
-            await self.store.compact(await self.store.current_revision())
+            await self._compact_now()
             assert self.servers.etcd is not None
             for member in self.servers.etcd.members:
                 member.kill()
@@ -304,6 +305,19 @@ class Chaos:
         self.tasks.pop(hv).cancel()
         await self._start_agent(hv, old.agent.nve, old)
         return None
+
+    async def _compact_now(self) -> None:
+        """Compact at the current revision. Right after a leader change a member may
+        not have caught up with the revision another one reported ("required
+        revision is a future revision"): ask again, a few times."""
+        for attempt in range(10):
+            try:
+                await self.store.compact(await self.store.current_revision())
+                return
+            except StoreError:
+                if attempt == 9:
+                    raise
+                await asyncio.sleep(0.2)
 
     async def _points_at(self, observer: str, nve: str) -> bool:
         """Does ``observer``'s remote table hold anything of ``nve``'s?"""
