@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +52,8 @@ from schemas.subjects import Subjects
 from schemas.wire import decode_hypervisor, decode_model, dumps
 
 _log = logging.getLogger(__name__)
+
+REPLAY_COMMITS = 512  # as many as the core's replay cache keeps per sender, at least
 
 
 
@@ -140,6 +142,8 @@ class NveService:
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._warm: dict[str, tuple[int, list[tuple[str, Binding]]]] = {}
         self._tg: asyncio.TaskGroup | None = None
+        #: (sender, seq) -> the commit of its writes, for retransmissions (see handle)
+        self._commits: OrderedDict[tuple[str, int], asyncio.Future[WriteReport]] = OrderedDict()
         self.crashed = False  # set by tests to stop like kill -9: no revoke, no state save
         self._saved_at: tuple[int, ...] = ()
         self._replies: set[asyncio.Task[None]] = set()
@@ -277,11 +281,20 @@ class NveService:
                        len(outcome.effects), extra={"trace": request.trace,
                                                     "nve": self.config.nve_id,
                                                     "hypervisor": request.sender})
-        if outcome.replayed:
-            self.counters["replays"] += 1
         ops = self._execute(outcome.effects)
         self.counters[f"ima_ops.{kind}"] += len(ops)
-        done = await self.writer.submit(ops)
+        key = (request.sender, request.seq)
+        if outcome.replayed:
+            self.counters["replays"] += 1
+            # A retransmission of a request whose writes are still being committed gets
+            # its answer when they are durable (or lost), like the original would: an
+            # early "ok" would tell the agent the IMA has what it may never get.
+            done = self._commits.get(key) or await self.writer.submit(ops)
+        else:
+            done = await self.writer.submit(ops)
+            self._commits[key] = done
+            if len(self._commits) > REPLAY_COMMITS:
+                self._commits.popitem(last=False)
         reply = OkReply(seq=seq, op=kind, result=outcome.result, results=outcome.results,
                         ima_ops=len(ops), refused=dict(outcome.refused), epoch=self.epoch)
         self._changed.set()

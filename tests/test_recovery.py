@@ -297,3 +297,53 @@ async def test_an_overtaken_request_is_resent_and_then_the_state_resynced(cp: Sl
     await cp.wait("nve1", lambda: svc.counters["resyncs_after_unreachable"] > resyncs)
     await cp.wait("nve1", lambda: nve1.core.tables()["vnics"][vnic("a")]["state"] == "up")
     assert (await converged(cp, ["hv1"]))["lost"] == 0
+
+
+async def test_a_retransmission_is_answered_only_once_the_original_is_durable(
+    cp: Slice,
+) -> None:
+    """A replay of a request whose IMA writes are still being committed waits for them:
+    an early "ok" would tell the agent the IMA has what it may never get."""
+    from nats.errors import TimeoutError as NatsTimeout
+
+    from nve.writer import WriteOp, WriteReport
+    from schemas.messages import AddrAssociate, OkReply
+    from schemas.wire import decode_reply, dumps
+
+    nve1 = cp.nves["nve1"]
+    agent = await cp.agent("hv1", "nve1")
+    await agent.connect(vnic("r"), "eth0", BLUE)
+    gate = asyncio.Event()
+    submit, held = nve1.writer.submit, []
+
+    async def slow_submit(ops: list[WriteOp]) -> asyncio.Future[WriteReport]:
+        real = await submit(ops)
+        if not ops:
+            return real
+        late: asyncio.Future[WriteReport] = asyncio.get_running_loop().create_future()
+
+        async def release() -> None:
+            await gate.wait()
+            late.set_result(await real)
+
+        held.append(asyncio.create_task(release()))
+        return late
+
+    nve1.writer.submit = slow_submit  # type: ignore[method-assign]
+    request = AddrAssociate(vnic=vnic("r"), vn=BLUE,
+                            entries=(AddressEntry(mac="02:00:00:00:77:77"),),
+                            **agent._envelope())
+    subject = cp.ep.subjects.hv_request("nve1", "hv1", "addr_associate")
+    with pytest.raises(NatsTimeout):  # the original: its writes are held back
+        await agent.nc.request(subject, dumps(request), timeout=0.3)
+    replay = asyncio.create_task(agent.nc.request(subject, dumps(request), timeout=10))
+    await cp.wait("nve1", lambda: nve1.counters["replays"] == 1)
+    # Proving an absence needs a bound: an early answer would come within a few ms.
+    finished, _ = await asyncio.wait([replay], timeout=0.5)
+    assert not finished  # not answered before the original's writes are durable
+    gate.set()
+    reply = decode_reply((await replay).data)
+    assert isinstance(reply, OkReply)
+    blue = next(iter(nve1.core.vnics[vnic("r")].vns))
+    assert cp.ep.layout.mac(blue, "02:00:00:00:77:77") in await cp.keys()
+    await asyncio.gather(*held)
