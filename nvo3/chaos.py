@@ -18,12 +18,14 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
@@ -424,6 +426,8 @@ async def run_chaos(
 ) -> list[RoundResult]:
     chaos = Chaos(servers, seed, out)
     results = []
+    # SIGTERM cancels the run, so the NVE child processes are stopped (by pid) too.
+    on_sigterm = _cancel_on_sigterm()
     try:
         await chaos.setup()
         print(f"chaos: seed={seed} rounds={rounds}", file=out, flush=True)
@@ -441,7 +445,24 @@ async def run_chaos(
                 bar.advance()
     finally:
         await chaos.teardown()
+        on_sigterm()
     return results
+
+
+def _cancel_on_sigterm() -> Callable[[], None]:
+    """Let SIGTERM cancel the running task; returns what puts the old handler back."""
+    task = asyncio.current_task()
+    if task is None or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+
+    def restore() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    return restore
 
 
 def main(rounds: int, seed: int, json_path: str | None = None, out: TextIO = sys.stdout) -> int:
@@ -451,7 +472,11 @@ def main(rounds: int, seed: int, json_path: str | None = None, out: TextIO = sys
     )
     try:
         servers.start()
-        results = asyncio.run(run_chaos(servers, rounds, seed, out))
+        try:
+            results = asyncio.run(run_chaos(servers, rounds, seed, out))
+        except asyncio.CancelledError:
+            print("chaos: stopped by SIGTERM", file=out, flush=True)
+            return 143
     finally:
         servers.stop()
     bad = [r for r in results if not r.ok]
