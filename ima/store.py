@@ -332,6 +332,14 @@ def _mapped(what: str) -> Iterator[None]:
         raise StoreError(f"{what}: call aborted, store closed") from exc
 
 
+#: etcd3aio retries every unary call on UNAVAILABLE/DEADLINE_EXCEEDED (3 attempts by
+#: default), writes included. A write whose answer was lost may already be applied, and
+#: its silent retry then fails its own compare: the writer saw ``succeeded=False`` for a
+#: key it had just written and reported it lost to another NVE
+#: (tests/test_store.py::test_an_ambiguous_txn_is_never_retried_into_a_false_refusal).
+#: So writes go out once; ``EtcdStore._call`` retries only what provably never left.
+_ONCE = 1
+
 _NOT_SENT_MARKERS = (
     "failed to connect",
     "connections to all backends failing",
@@ -813,14 +821,16 @@ class EtcdStore:
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         resp = await self._call(
             f"put {key!r}",
-            lambda t: self._kv().put(_enc(key), value, lease=lease, timeout=t),
+            lambda t: self._kv().put(_enc(key), value, lease=lease, timeout=t, max_attempts=_ONCE),
             idempotent=False,
         )
         return int(resp.header.revision)
 
     async def delete(self, key: str) -> int:
         resp = await self._call(
-            f"delete {key!r}", lambda t: self._kv().delete(_enc(key), timeout=t), idempotent=False
+            f"delete {key!r}",
+            lambda t: self._kv().delete(_enc(key), timeout=t, max_attempts=_ONCE),
+            idempotent=False,
         )
         return int(resp.header.revision)
 
@@ -831,7 +841,8 @@ class EtcdStore:
         start = _enc(prefix)
         resp = await self._call(
             f"delete prefix {prefix!r}",
-            lambda t: self._kv().delete(start, range_end=prefix_range_end(start), timeout=t),
+            lambda t: self._kv().delete(start, range_end=prefix_range_end(start), timeout=t,
+                                        max_attempts=_ONCE),
             idempotent=False,
         )
         return int(resp.deleted)
@@ -851,7 +862,8 @@ class EtcdStore:
         pb_failure = [_to_request_op(op) for op in failure]
         resp = await self._call(
             "txn",
-            lambda t: self._kv().txn(pb_compares, pb_success, pb_failure, timeout=t),
+            lambda t: self._kv().txn(pb_compares, pb_success, pb_failure, timeout=t,
+                                     max_attempts=_ONCE),
             idempotent=False,
         )
         return TxnResult(
@@ -903,7 +915,8 @@ class EtcdStore:
     async def grant_lease(self, ttl: int) -> int:
         """Returns the lease id; etcd may round the TTL up (minimum ~2 s by default)."""
         resp = await self._call(
-            "grant lease", lambda t: self._lease().grant(ttl, timeout=t), idempotent=False
+            "grant lease", lambda t: self._lease().grant(ttl, timeout=t, max_attempts=_ONCE),
+            idempotent=False
         )
         return int(resp.ID)
 

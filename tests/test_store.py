@@ -425,3 +425,33 @@ def test_broken_transport_errors_are_retried_and_refusals_are_not(
     with pytest.raises(StoreError) as raised:
         _raise_mapped(rpc, "keepalive lease 1")
     assert isinstance(raised.value, StoreUnavailable) is transient
+
+
+async def test_an_ambiguous_txn_is_never_retried_into_a_false_refusal(
+    etcd_endpoints: list[str], key_prefix: str
+) -> None:
+    """etcd applied the txn but its answer was lost (a leader that commits and dies).
+
+    A client that silently sends it again gets ``succeeded=False`` from its own first
+    attempt, and the writer would report a key it holds as lost to another NVE. The
+    store must surface the ambiguity (``StoreUnavailable``, so the writer re-plans from
+    what etcd holds) or report the success; never a refusal.
+    """
+    from tests.cut_proxy import CutProxy
+
+    host, port = etcd_endpoints[0].rsplit(":", 1)
+    key = key_prefix + "ambiguous"
+    async with CutProxy(host, int(port)) as proxy, EtcdStore([proxy.endpoint]) as via_proxy:
+        proxy.arm()
+        try:
+            result = await via_proxy.txn([KeyMissing(key)], [Put(key, b"mine")])
+        except StoreUnavailable:
+            pass
+        else:
+            assert result.succeeded, "a retry of the applied txn came back as a refusal"
+        assert proxy.cuts == 1, "the proxy never lost an answer: the test proved nothing"
+    async with EtcdStore(etcd_endpoints) as direct:
+        kv = await direct.get(key)
+        assert kv is not None
+        assert kv.value == b"mine"
+        await direct.delete_prefix(key_prefix)
