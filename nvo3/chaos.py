@@ -63,6 +63,7 @@ class RoundResult:
     converge_s: float
     relists: int
     differences: list[str] = field(default_factory=list)
+    refusals: dict[str, int] = field(default_factory=dict)  # error code -> count
 
     @property
     def ok(self) -> bool:
@@ -137,6 +138,7 @@ class Chaos:
         self.conns: list[Any] = []
         self.mac_counter = 0
         self.tally: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()  # this round's refusals by error code
         self.nc: Any = None
         self.store: Any = None
 
@@ -206,8 +208,9 @@ class Chaos:
             events += 1
             try:
                 await self._one_op(agent)
-            except AgentError:
+            except AgentError as exc:
                 refused += 1
+                self.refusals[str(exc.code)] += 1
             except NveUnreachable:
                 unreachable += 1
         return events, refused, unreachable
@@ -390,6 +393,7 @@ class Chaos:
 
     async def round(self, index: int, fault: str, ops: int) -> RoundResult:
         self.tally.clear()
+        self.refusals.clear()
         await self.churn(ops)
         cleanup = await self.inject(fault)
         await self.churn(2)
@@ -405,7 +409,7 @@ class Chaos:
         return RoundResult(index, fault, t["events"], t["refused"], t["unreachable"],
                            lost, stale, wrong,
                            None if cleanup is None else round(cleanup, 2), round(converge, 2),
-                           await self.relists(), diffs)
+                           await self.relists(), diffs, dict(sorted(self.refusals.items())))
 
 
 HEADER = (f"{'round':>5} {'fault':<17} {'events':>6} {'refused':>7} {'unreach':>7} "
@@ -440,6 +444,9 @@ async def run_chaos(
                 result = await chaos.round(i, fault, ops)
                 results.append(result)
                 bar.echo(_row(result), file=out)
+                if result.refusals:
+                    bar.echo("      refused: " + ", ".join(
+                        f"{code} {n}" for code, n in result.refusals.items()), file=out)
                 for diff in result.differences if not result.ok else ():
                     bar.echo("      " + diff, file=out)
                 bar.advance()
@@ -465,7 +472,14 @@ def _cancel_on_sigterm() -> Callable[[], None]:
     return restore
 
 
-def main(rounds: int, seed: int, json_path: str | None = None, out: TextIO = sys.stdout) -> int:
+def main(rounds: int, seed: int, json_path: str | None = None, out: TextIO = sys.stdout,
+         faults: Sequence[str] = FAULTS) -> int:
+    """``faults`` narrows the mix (e.g. only ``etcd_leader_kill``) to hunt one class."""
+    unknown = sorted(set(faults) - set(FAULTS))
+    if unknown or not faults:
+        print(f"chaos: unknown fault(s) {', '.join(unknown) or '(none given)'}; "
+              f"known: {', '.join(FAULTS)}", file=sys.stderr)
+        return 2
     servers = LocalServers(
         nats_members=3, etcd_members=3,
         etcd_args=["--auto-compaction-mode", "revision", "--auto-compaction-retention", "200"],
@@ -473,7 +487,7 @@ def main(rounds: int, seed: int, json_path: str | None = None, out: TextIO = sys
     try:
         servers.start()
         try:
-            results = asyncio.run(run_chaos(servers, rounds, seed, out))
+            results = asyncio.run(run_chaos(servers, rounds, seed, out, faults=faults))
         except asyncio.CancelledError:
             print("chaos: stopped by SIGTERM", file=out, flush=True)
             return 143
@@ -483,6 +497,7 @@ def main(rounds: int, seed: int, json_path: str | None = None, out: TextIO = sys
     print(f"chaos: {len(results)} rounds, {len(bad)} with lost/stale/wrong-VNI", file=out)
     if json_path:
         with open(json_path, "wb") as fh:
-            fh.write(orjson.dumps({"seed": seed, "rounds": [asdict(r) for r in results]},
+            fh.write(orjson.dumps({"seed": seed, "faults": list(faults),
+                                   "rounds": [asdict(r) for r in results]},
                                   option=orjson.OPT_INDENT_2))
     return 1 if bad else 0

@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--rounds", type=int, default=50)
     chaos.add_argument("--seed", type=int, default=1)
     chaos.add_argument("--json", dest="json_path", help="write per-round results here")
+    chaos.add_argument("--faults", default="",
+                       help="comma-separated fault kinds to inject (default: all)")
 
     schema = sub.add_parser("schema", help="JSON Schema of every message and record")
     schema.add_argument("action", choices=("export",))
@@ -267,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chaos":
             from nvo3 import chaos
 
-            return chaos.main(args.rounds, args.seed, args.json_path)
+            faults = [f for f in args.faults.split(",") if f] or list(chaos.FAULTS)
+            return chaos.main(args.rounds, args.seed, args.json_path, faults=faults)
         if args.command == "placement":
             return _run_async(lambda: operator_commands.placement_command(args), OP_S)
         if args.command == "check":
