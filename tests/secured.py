@@ -7,9 +7,10 @@ since a module may rotate or remove identities.
 
 A secured stack's NATS permissions and etcd roles name one subject root and one key
 root (``nvo3`` and ``/nvo3/``), so tests on it cannot each have their own, as they do
-on the plain stack. ``start_on_stack`` gives each test a clean root instead: it
-deletes every key under the key root (as ``root``) before the test's control plane
-starts, and the previous test's services and connections are gone by then.
+on the plain stack. ``start_secured`` (and ``start_on_stack``, which runs a test on
+either stack) gives each test a clean root instead: it deletes every key under the key
+root (as ``root``) before the test's control plane starts, and the previous test's
+services and connections are gone by then.
 """
 
 from __future__ import annotations
@@ -56,8 +57,7 @@ async def start_on_stack(
     """``start_slice`` on the stack named by ``request.param`` (one of ``STACKS``).
 
     ``plain``: the session's plain stack, a fresh key prefix and subject root.
-    ``secured``: the module's ``secured`` fixture (``secured_stack``), its fixed
-    roots, wiped first; every connection uses its process's identity (nvo3.harness).
+    ``secured``: the module's ``secured`` fixture, with ``start_secured``.
     """
     if request.param == "plain":
         return await start_slice(
@@ -65,7 +65,13 @@ async def start_on_stack(
             request.getfixturevalue("key_prefix"), request.getfixturevalue("subject_root"),
             nve_ids, **nve_config)
     assert request.param == "secured", request.param
-    stack: LocalServers = request.getfixturevalue("secured")
+    return await start_secured(request.getfixturevalue("secured"), nve_ids, **nve_config)
+
+
+async def start_secured(stack: LocalServers, nve_ids: tuple[str, ...], **nve_config: Any) -> Slice:
+    """``start_slice`` on a secured stack (``secured_stack``): its fixed roots, wiped
+    first; every connection uses its process's identity, and the NVEs answer only into
+    the sender's own inbox (nvo3.harness)."""
     creds = stack.credentials
     assert creds is not None
     await wipe(stack)

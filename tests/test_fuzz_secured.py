@@ -2,12 +2,12 @@
 
 One secured stack for the module (TLS, NKeys, etcd RBAC; ``tests/secured.py``), one
 IMA and one NVE (``nve1``, answering only into the sender's inbox), each as its own
-identity. Hypothesis builds requests from the real message models and mutates them
-(a dropped field, a wrong type, out-of-range numbers, invalid MAC/IP/prefix/tag,
-unicode and NUL junk, duplicate keys, deep nesting, truncation, spliced bytes,
-payloads near and over ``max_payload``, unknown kinds and versions, unknown VNs,
-replayed and stale sequence numbers), or sends raw bytes, as ``hv:hv1`` (NVE),
-``op`` (IMA) or the NVE's data path (``nve:nve1``, gleaning).
+identity (``start_secured``: nvo3.harness). Hypothesis builds requests from the real
+message models and mutates them (a dropped field, a wrong type, out-of-range numbers,
+invalid MAC/IP/prefix/tag, unicode and NUL junk, duplicate keys, deep nesting,
+truncation, spliced bytes, payloads near and over ``max_payload``, unknown kinds and
+versions, unknown VNs, replayed and stale sequence numbers), or sends raw bytes, as
+``hv:hv1`` (NVE), ``op`` (IMA) or the NVE's data path (``nve:nve1``, gleaning).
 
 The oracle is the decoder itself plus what the NVE checks next: a payload the local
 decoder refuses must be refused with the same code; a well-formed one must be
@@ -22,7 +22,6 @@ at the same time succeeds; and the services are still running.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
 import uuid
@@ -43,9 +42,9 @@ from pydantic import BaseModel
 from ima.client import ImaClient
 from ima.service import ImaService
 from ima.store import EtcdStore
-from nve.service import NveConfig, NveService
-from nvo3.connect import Endpoints, connect_nats, open_store
-from nvo3.security import AGENT_REPLY_PREFIX
+from nve.service import NveService
+from nvo3.connect import Endpoints
+from nvo3.security import hv_identity, nve_identity
 from nvo3.servers import LocalServers
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.messages import (
@@ -82,7 +81,7 @@ from schemas.operator import (
 from schemas.profile import AclRule, Qos, VnProfile
 from schemas.types import normalize_ip_entry, normalize_mac
 from schemas.wire import decode_hypervisor, decode_model, decode_reply, dumps
-from tests.secured import quiet, secured_stack
+from tests.secured import quiet, secured_stack, start_secured
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -178,43 +177,20 @@ def secured() -> Iterator[LocalServers]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(secured: LocalServers) -> AsyncIterator[World]:
-    creds = secured.credentials
-    assert creds is not None
-    ep = Endpoints(nats=tuple(secured.nats_urls), etcd=tuple(secured.etcd_endpoints),
-                   credentials=creds)
-    conns: list[Nats] = []
-    stores: list[EtcdStore] = []
-    tasks: dict[str, asyncio.Task[None]] = {}
-
-    async def nats_as(name: str) -> Nats:
-        nc = await connect_nats(ep.nats, name, identity=ep.identity(name), error_cb=quiet)
-        conns.append(nc)
-        return nc
-
-    async def store_as(name: str) -> EtcdStore:
-        store = await open_store(ep.etcd, identity=ep.identity(name))
-        stores.append(store)
-        return store
-
+    s = await start_secured(secured, (NVE,))
     try:
-        ima = ImaService(await nats_as("ima"), await store_as("ima"), layout=ep.layout,
-                         subjects=ep.subjects)
-        nve = NveService(NveConfig(NVE, "192.0.2.1", reply_prefix=AGENT_REPLY_PREFIX),
-                         await nats_as(f"nve:{NVE}"), await store_as(f"nve:{NVE}"),
-                         layout=ep.layout, subjects=ep.subjects)
-        tasks["ima"] = asyncio.create_task(ima.run())
-        tasks["nve"] = asyncio.create_task(nve.run())
-        async with asyncio.timeout(10):
-            await ima.ready.wait()
-            await nve.ready.wait()
-        op = await nats_as("op")
-        client = ImaClient(op, ep.subjects)
-        w = World(secured, ep, nve, ima, tasks, hv1=await nats_as("hv:hv1"),
-                  hv2=await nats_as("hv:hv2"), op=op, dp=await nats_as(f"nve:{NVE}"),
-                  inspector=await store_as("inspector"))
+        assert s.ima is not None
+        assert s.client is not None
+        ep = s.ep
+        w = World(secured, ep, s.nves[NVE], s.ima,
+                  {"ima": s._tasks[0], "nve": s._nve_tasks[NVE]},  # the IMA's task is first
+                  hv1=await s.nats("hv1", quiet, identity=hv_identity("hv1")),
+                  hv2=await s.nats("hv2", quiet, identity=hv_identity("hv2")),
+                  op=s.client.nc, dp=await s.nats("dp", quiet, identity=nve_identity(NVE)),
+                  inspector=await s.new_store("inspector"))
         vns: list[tuple[str, Literal["l2", "l3"]]] = [("blue", "l2"), ("red", "l3")]
         for alias, service in vns:
-            vn = (await client.create(alias, service=service)).vn
+            vn = (await s.client.create(alias, service=service)).vn
             w.known |= {VnRef(alias=alias), VnRef(name=vn.name), VnRef(id=vn.vn_id)}
             w.blue = w.blue or vn.name
         for request in SETUP:
@@ -227,17 +203,7 @@ async def world(secured: LocalServers) -> AsyncIterator[World]:
         yield w
         print(f"fuzz outcomes: {dict(sorted(w.outcomes.items()))}")
     finally:
-        for task in tasks.values():
-            task.cancel()
-        for task in tasks.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for nc in conns:
-            with contextlib.suppress(Exception):
-                await nc.close()
-        for store in stores:
-            with contextlib.suppress(Exception):
-                await store.close()
+        await s.stop()
 
 
 async def _request(nc: Nats, ep: Endpoints, hv: str, kind: str, payload: bytes) -> Any:

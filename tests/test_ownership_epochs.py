@@ -13,7 +13,6 @@ import contextlib
 import os
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -26,7 +25,7 @@ from nve.service import NveConfig, NveService
 from nve.writer import ImaWriter, WritePut
 from schemas.messages import AddressEntry, VnRef
 from schemas.records import MacBinding
-from tests.slice import Slice, start_slice
+from tests.slice import Slice, blue_slice_fixture
 
 BLUE = VnRef(alias="blue")
 VN = "6f1c1c2e-0b7a-4d38-9a52-3f0c6c1f0a01"
@@ -89,19 +88,8 @@ def test_a_snapshot_keeps_only_the_newest_incarnation_of_each_nve() -> None:
 # ------------------------------------------------------- against real servers
 
 
-@pytest.fixture
-async def cp(
-    nats_urls: list[str], etcd_endpoints: list[str], key_prefix: str, subject_root: str
-) -> AsyncIterator[Slice]:
-    # A long TTL, so that anything cleaned up quickly was not cleaned up by the lease.
-    s = await start_slice(nats_urls, etcd_endpoints, key_prefix, subject_root,
-                          ("nve1", "nve2"), announce_s=0.2, lease_ttl=30)
-    try:
-        assert s.client is not None
-        await s.client.create("blue")
-        yield s
-    finally:
-        await s.stop()
+# A long TTL, so that anything cleaned up quickly was not cleaned up by the lease.
+cp = blue_slice_fixture(lease_ttl=30)
 
 
 async def populate(svc: AgentService, label: str, n: int) -> None:

@@ -13,7 +13,6 @@ import signal
 import sys
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -26,7 +25,7 @@ from nve.follower import VnFollower
 from nve.remote import RemoteTable
 from nvo3.check import gather_and_check
 from schemas.messages import AddressEntry, VnRef
-from tests.slice import WAIT, Slice, start_slice
+from tests.slice import WAIT, Slice, blue_slice_fixture, start_slice
 
 pytestmark = pytest.mark.integration
 
@@ -37,18 +36,7 @@ def vnic(label: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"recovery/{label}"))
 
 
-@pytest.fixture
-async def cp(
-    nats_urls: list[str], etcd_endpoints: list[str], key_prefix: str, subject_root: str
-) -> AsyncIterator[Slice]:
-    s = await start_slice(nats_urls, etcd_endpoints, key_prefix, subject_root,
-                          ("nve1", "nve2"), announce_s=0.2, lease_ttl=2)
-    try:
-        assert s.client is not None
-        await s.client.create("blue")
-        yield s
-    finally:
-        await s.stop()
+cp = blue_slice_fixture(lease_ttl=2)
 
 
 async def populate(svc: AgentService, label: str, n: int) -> None:

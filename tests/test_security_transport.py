@@ -26,16 +26,12 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as Nats
 
-from agents.agent import HypervisorAgent
-from ima.client import ImaClient
-from ima.service import QUEUE_GROUP, ImaService
+from ima.service import QUEUE_GROUP
 from ima.store import EtcdStore, StoreError, StoreUnavailable, TlsConfig
-from nve.service import NveConfig, NveService
-from nvo3.connect import ConnectError, Endpoints, connect_nats, open_store
+from nvo3.connect import ConnectError, connect_nats, open_store
 from nvo3.exit_codes import EXIT_AUTH, EXIT_UNREACHABLE
 from nvo3.pki import client_context
 from nvo3.security import (
-    AGENT_REPLY_PREFIX,
     IMA_QUEUE,
     Credentials,
     SecureSpec,
@@ -46,7 +42,7 @@ from nvo3.security import (
 from nvo3.servers import LocalServers, find_binary
 from schemas.messages import AddressEntry, VnicShutdown, VnRef
 from schemas.wire import dumps
-from tests.secured import HYPERVISORS, NVES, secured_stack, settle
+from tests.secured import HYPERVISORS, NVES, Violations, secured_stack, settle, start_secured
 from tests.secured import quiet as _quiet
 
 pytestmark = pytest.mark.integration
@@ -89,20 +85,16 @@ class Clients:
 
     async def __call__(self, name: str) -> Client:
         assert self.stack.credentials is not None
-        errors: list[Exception] = []
-
-        async def on_error(exc: Exception) -> None:
-            errors.append(exc)
-
+        seen = Violations()
         nc = await connect_nats(
             self.stack.nats_urls,
             name,
             persistent=False,
             identity=self.stack.credentials.identity(name),
-            error_cb=on_error,
+            error_cb=seen.record,
         )
         self.open.append(nc)
-        return Client(nc, errors)
+        return Client(nc, seen.errors)
 
 
 @pytest.fixture
@@ -614,47 +606,22 @@ def test_keys_are_private_and_outside_the_repository(creds: Credentials) -> None
 # ------------------------------------------------------------------ the real services
 
 
-async def test_real_services_work_with_least_privilege(
-    secured: LocalServers, creds: Credentials
-) -> None:
+async def test_real_services_work_with_least_privilege(secured: LocalServers) -> None:
     """IMA, an NVE, an agent and the operator, each as itself: a VN is created, a VNIC
     connects, its address is registered in etcd, and the operator reads the tables."""
-    ep = Endpoints(nats=tuple(secured.nats_urls), etcd=tuple(secured.etcd_endpoints),
-                   credentials=creds)
-    conns: list[Nats] = []
-    stores: list[EtcdStore] = []
-    tasks: list[asyncio.Task[None]] = []
-
-    async def nats_as(name: str) -> Nats:
-        nc = await connect_nats(ep.nats, name, identity=ep.identity(name), error_cb=_quiet)
-        conns.append(nc)
-        return nc
-
-    async def store_as(name: str) -> EtcdStore:
-        store = await open_store(ep.etcd, identity=ep.identity(name))
-        stores.append(store)
-        return store
-
+    cp = await start_secured(secured, ("nve1",))
     try:
-        ima = ImaService(await nats_as("ima"), await store_as("ima"), layout=ep.layout,
-                         subjects=ep.subjects)
-        config = NveConfig("nve1", "192.0.2.1", reply_prefix=AGENT_REPLY_PREFIX)
-        nve = NveService(config, await nats_as("nve:nve1"), await store_as("nve:nve1"),
-                         layout=ep.layout, subjects=ep.subjects)
-        tasks += [asyncio.create_task(ima.run()), asyncio.create_task(nve.run())]
-        async with asyncio.timeout(10):
-            await ima.ready.wait()
-            await nve.ready.wait()
+        assert cp.client is not None
+        op, ep = cp.client, cp.ep
         alias = f"sec{secrets.token_hex(3)}"
-        op = ImaClient(await nats_as("op"), ep.subjects)
         vn = (await op.create(alias, service="l2")).vn
-        agent = HypervisorAgent("hv1", "nve1", await nats_as("hv:hv1"), subjects=ep.subjects)
+        agent = await cp.agent("hv1", "nve1")
         vnic = str(uuid.uuid4())
         await agent.connect(vnic, "eth0", VnRef(alias=alias))
         reply = await agent.associate(vnic, VnRef(alias=alias),
                                       (AddressEntry(mac="02:00:00:5e:c0:01"),))
         assert reply.ima_ops == 1
-        inspector = await store_as("inspector")
+        inspector = await cp.new_store("inspector")
         binding = await inspector.get(ep.layout.mac(vn.name, "02:00:00:5e:c0:01"))
         assert binding is not None
         assert b"nve1" in binding.value
@@ -663,7 +630,7 @@ async def test_real_services_work_with_least_privilege(
 
         # allow_responses lets the NVE publish to whatever reply subject a request names;
         # with reply_prefix it only answers into the sender's own inbox.
-        hv2 = await nats_as("hv:hv2")
+        hv2 = await cp.nats("hv2", _quiet, identity=hv_identity("hv2"))
         stolen = await hv2.subscribe(f"{inbox_prefix(hv_identity('hv2'))}.>")
         await settle(hv2)
         request = dumps(VnicShutdown(sender="hv1", seq=1, vnic=vnic))
@@ -673,17 +640,7 @@ async def test_real_services_work_with_least_privilege(
         with pytest.raises(nats.errors.TimeoutError):
             await stolen.next_msg(timeout=0.3)
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for nc in conns:
-            with contextlib.suppress(Exception):
-                await nc.close()
-        for store in stores:
-            with contextlib.suppress(Exception):
-                await store.close()
+        await cp.stop()
 
 
 def test_tls_context_trusts_only_our_ca(creds: Credentials) -> None:
