@@ -188,17 +188,27 @@ class HypervisorAgent:
                     await self.nc.request(subject, payload, timeout=self.timeout)
             if isinstance(reply, ErrorReply):
                 self.counters[f"replies.{reply.code}"] += 1
-                if reply.code == ErrorCode.STALE_SEQ and attempt < self.attempts:
+                if reply.code == ErrorCode.STALE_SEQ:
                     # Overtaken by a newer request of ours: same content, new number.
                     # Applied now, it lands after that newer request, which it may undo
                     # (a shutdown after the startup that overtook it, or an hv_sync's
                     # older snapshot), so the NVE also gets a full resync from the
                     # desired state at its next epoch announcement (agents.service).
+                    self.unsynced.add(nve)
+                    self.counters["resyncs_after_stale_seq"] += 1
+                    if attempt == self.attempts:
+                        # Not a refusal of the content: the newer request may even
+                        # carry it (an hv_sync read after the intent was recorded), so
+                        # the intent stays and the resync delivers it. Rolling it back
+                        # here left the NVE holding what the agent no longer wanted,
+                        # with nothing to repair it.
+                        self.counters[f"unreachable.{nve}"] += 1
+                        raise NveUnreachable(
+                            f"{message.kind} to NVE {nve} was overtaken by a newer request "
+                            f"on every try; kept for the next resync")
                     message = message.model_copy(update={"seq": next(self._seq)})
                     payload = dumps(message)
                     self.counters[f"retransmits.{message.kind}"] += 1
-                    self.counters["resyncs_after_stale_seq"] += 1
-                    self.unsynced.add(nve)
                     continue
                 raise AgentError(reply)
             self.counters["replies.ok"] += 1
@@ -409,20 +419,35 @@ class HypervisorAgent:
         """Send this hypervisor's full state for ``nve`` (after it restarted) [4].
 
         The NVE reconciles and writes only differences; sending it when
-        nothing changed costs no IMA write.
+        nothing changed costs no IMA write. A big state goes in parts of
+        ``chunk`` VNICs, and each part is read from the desired state when it is
+        numbered, not when the sync began: a request made while an earlier part
+        was in flight has a lower ``seq`` than the next part, which must already
+        carry its effect or it would roll it back. The last part also names
+        every VNIC created meanwhile, so the NVE's end-of-sync sweep keeps them.
         """
-        vnics = self.desired.for_nve(lambda vn: self.nve_for(vn) == nve)
+        def owns(vn: VnRef) -> bool:
+            return self.nve_for(vn) == nve
+
+        names = sorted(self.desired.vnics)
         sync_id = next(self._seq)
-        parts = [vnics[i : i + chunk] for i in range(0, len(vnics), chunk)] or [[]]
         reply: OkReply | None = None
-        for i, part in enumerate(parts):
+        start = 0
+        while True:
+            last = start + chunk >= len(names)
+            part_names = names[start : start + chunk]
+            if last:
+                known = set(names)
+                part_names = [*part_names, *sorted(n for n in self.desired.vnics
+                                                   if n not in known)]
+            part = self.desired.for_nve(owns, part_names)
             reply = await self.send(
-                HvSync(sync_id=sync_id, last=i == len(parts) - 1, vnics=tuple(part),
-                       **self._envelope()), nve)
+                HvSync(sync_id=sync_id, last=last, vnics=tuple(part), **self._envelope()), nve)
             for vnic in part:
                 self.vnic_nves.setdefault(vnic.vnic, set()).add(nve)
-        assert reply is not None
-        return reply
+            if last:
+                return reply
+            start += chunk
 
     def set_inventory(self, inventory: Inventory) -> None:
         """Make the inventory the desired state (then ``sync`` each NVE)."""

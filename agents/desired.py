@@ -11,7 +11,7 @@ Pure data, no I/O.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -99,10 +99,19 @@ class DesiredState:
                 {e.mac: set(e.ips) for e in spec.entries}, spec.allowed
             )
 
-    def for_nve(self, owns: Callable[[VnRef], bool]) -> list[SyncVnic]:
-        """The ``hv_sync`` view for one NVE; ``owns(vn_ref) -> bool`` picks its VNs."""
+    def for_nve(
+        self, owns: Callable[[VnRef], bool], names: Iterable[str] | None = None
+    ) -> list[SyncVnic]:
+        """The ``hv_sync`` view for one NVE; ``owns(vn_ref) -> bool`` picks its VNs.
+
+        ``names`` limits it to those VNICs (the ones still present), in that order.
+        """
         out = []
-        for name, entry in sorted(self.vnics.items()):
+        if names is None:
+            items = sorted(self.vnics.items())
+        else:
+            items = [(n, self.vnics[n]) for n in names if n in self.vnics]
+        for name, entry in items:
             vns = tuple(
                 VnAddresses(
                     vn=vn,
