@@ -24,7 +24,7 @@ from nats.aio.client import Client as Nats
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from agents.desired import DesiredState
+from agents.desired import DesiredState, Undo
 from agents.inventory import Inventory
 from schemas.errors import ErrorCode
 from schemas.messages import (
@@ -217,16 +217,13 @@ class HypervisorAgent:
 
     # ------------------------------------------------------------ operations
 
-    async def _intended(
-        self, vnic: str, change: Callable[[], None], message: Any, nve: str
-    ) -> OkReply:
-        """Record the intent, send it; a refusal rolls the intent back."""
-        saved = self.desired.snapshot(vnic)
-        change()
+    async def _intended(self, change: Callable[[], Undo], message: Any, nve: str) -> OkReply:
+        """Record the intent, send it; a refusal undoes that change (and only it)."""
+        undo = change()
         try:
             return await self.send(message, nve)
         except AgentError:
-            self.desired.restore(vnic, saved)
+            undo()
             raise
 
     async def connect(
@@ -234,7 +231,7 @@ class HypervisorAgent:
     ) -> ConnectResult:
         nve = self.nve_for(vn)
         reply = await self._intended(
-            vnic, lambda: self.desired.connect(vnic, port, vn, allowed),
+            lambda: self.desired.connect(vnic, port, vn, allowed),
             VnConnect(vnic=vnic, port=port, vn=vn, allowed=allowed, **self._envelope()), nve)
         assert reply.result is not None
         self.tags[(vnic, reply.result.vn_name)] = reply.result
@@ -243,40 +240,14 @@ class HypervisorAgent:
 
     async def disconnect(self, vnic: str, vn: VnRef) -> OkReply:
         return await self._intended(
-            vnic, lambda: self.desired.disconnect(vnic, vn),
+            lambda: self.desired.disconnect(vnic, vn),
             VnDisconnect(vnic=vnic, vn=vn, **self._envelope()), self.nve_for(vn))
 
-    async def _intended_addresses(
-        self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...],
-        change: Callable[[], None], message: Any,
-    ) -> OkReply:
-        """``_intended`` for (dis)associations, which only touch the MACs they name.
-
-        Saving just those MACs keeps the cost per request O(entries) instead of a deep
-        copy of the VNIC's whole state (a VNIC may carry thousands of MACs), and a
-        refusal rolls back only its own MACs, not requests pipelined after it.
-        """
-        entry = self.desired.vnics.get(vnic)
-        wanted = None if entry is None else entry.vns.get(vn)
-        macs = None if wanted is None else wanted.macs
-        saved = {} if macs is None else {
-            e.mac: (set(macs[e.mac]) if e.mac in macs else None) for e in entries}
-        change()
-        try:
-            return await self.send(message, self.nve_for(vn))
-        except AgentError:
-            if macs is not None:
-                for mac, ips in saved.items():
-                    if ips is None:
-                        macs.pop(mac, None)
-                    else:
-                        macs[mac] = ips
-            raise
-
     async def associate(self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]) -> OkReply:
-        return await self._intended_addresses(
-            vnic, vn, entries, lambda: self.desired.associate(vnic, vn, entries),
-            AddrAssociate(vnic=vnic, vn=vn, entries=entries, **self._envelope()))
+        return await self._intended(
+            lambda: self.desired.associate(vnic, vn, entries),
+            AddrAssociate(vnic=vnic, vn=vn, entries=entries, **self._envelope()),
+            self.nve_for(vn))
 
     async def associate_many(
         self,
@@ -339,26 +310,28 @@ class HypervisorAgent:
     async def disassociate(
         self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]
     ) -> OkReply:
-        return await self._intended_addresses(
-            vnic, vn, entries, lambda: self.desired.disassociate(vnic, vn, entries),
-            AddrDisassociate(vnic=vnic, vn=vn, entries=entries, **self._envelope()))
+        return await self._intended(
+            lambda: self.desired.disassociate(vnic, vn, entries),
+            AddrDisassociate(vnic=vnic, vn=vn, entries=entries, **self._envelope()),
+            self.nve_for(vn))
 
     async def replace(self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]) -> OkReply:
         """Make the NVE's address set for (vnic, vn) exactly ``entries`` [4.2]."""
         return await self._intended(
-            vnic, lambda: self.desired.replace(vnic, vn, entries),
+            lambda: self.desired.replace(vnic, vn, entries),
             AddrReplace(vnic=vnic, vn=vn, entries=entries, **self._envelope()),
             self.nve_for(vn))
 
-    async def _each_nve(self, vnic: str, change: Callable[[], None], make: Any) -> OkReply:
-        saved = self.desired.snapshot(vnic)
-        change()
+    async def _each_nve(
+        self, vnic: str, change: Callable[[], Undo], make: Callable[[], Any]
+    ) -> OkReply:
+        undo = change()
         reply: OkReply | None = None
         try:
             for nve in self._nves_of(vnic):
                 reply = await self.send(make(), nve)
         except AgentError:
-            self.desired.restore(vnic, saved)
+            undo()
             raise
         assert reply is not None
         return reply

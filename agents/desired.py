@@ -10,7 +10,6 @@ Pure data, no I/O.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,62 +30,130 @@ class DesiredVnic:
     vns: dict[VnRef, DesiredVn] = field(default_factory=dict)
 
 
+#: Puts back what one change did, and only that (see ``DesiredState``).
+Undo = Callable[[], None]
+
+
+def _nothing() -> None:
+    return None
+
+
 @dataclass
 class DesiredState:
+    """The agent's intent, changed before each request is sent.
+
+    Every change returns its ``Undo``, which the agent runs if the NVE refuses the
+    request. An undo restores only the fields that change touched (the VN it
+    connected, the MACs it named, the state it set), so it never erases another
+    request for the same VNIC made while this one was in flight, which a restore of
+    a whole-VNIC snapshot would.
+    """
+
     vnics: dict[str, DesiredVnic] = field(default_factory=dict)
 
-    def snapshot(self, vnic: str) -> DesiredVnic | None:
-        current = self.vnics.get(vnic)
-        return None if current is None else copy.deepcopy(current)
-
-    def restore(self, vnic: str, saved: DesiredVnic | None) -> None:
-        if saved is None:
-            self.vnics.pop(vnic, None)
-        else:
-            self.vnics[vnic] = saved
-
-    def connect(self, vnic: str, port: str, vn: VnRef, allowed: tuple[str, ...]) -> None:
+    def connect(self, vnic: str, port: str, vn: VnRef, allowed: tuple[str, ...]) -> Undo:
+        created = vnic not in self.vnics
         entry = self.vnics.setdefault(vnic, DesiredVnic(port))
-        entry.vns.setdefault(vn, DesiredVn(allowed=allowed))
+        if vn in entry.vns:
+            return _nothing
+        entry.vns[vn] = DesiredVn(allowed=allowed)
 
-    def disconnect(self, vnic: str, vn: VnRef) -> None:
-        entry = self.vnics.get(vnic)
-        if entry is not None:
-            entry.vns.pop(vn, None)
-            if not entry.vns:
-                del self.vnics[vnic]
+        def undo() -> None:
+            now = self.vnics.get(vnic)
+            if now is not None:
+                now.vns.pop(vn, None)
+                if created and not now.vns:
+                    del self.vnics[vnic]
 
-    def associate(self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]) -> None:
-        entry = self.vnics.get(vnic)
-        if entry is None or vn not in entry.vns:
-            return
-        macs = entry.vns[vn].macs
-        for e in entries:
-            macs.setdefault(e.mac, set()).update(e.ips)
+        return undo
 
-    def disassociate(self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]) -> None:
+    def disconnect(self, vnic: str, vn: VnRef) -> Undo:
         entry = self.vnics.get(vnic)
         if entry is None or vn not in entry.vns:
-            return
-        macs = entry.vns[vn].macs
-        for e in entries:
-            if not e.ips:
-                macs.pop(e.mac, None)
-            elif e.mac in macs:
-                macs[e.mac].difference_update(e.ips)
+            return _nothing
+        saved, port, state = entry.vns.pop(vn), entry.port, entry.state
+        if not entry.vns:
+            del self.vnics[vnic]
 
-    def replace(self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]) -> None:
+        def undo() -> None:
+            now = self.vnics.setdefault(vnic, DesiredVnic(port, state))
+            now.vns.setdefault(vn, saved)
+
+        return undo
+
+    def _macs(self, vnic: str, vn: VnRef) -> dict[str, set[str]] | None:
         entry = self.vnics.get(vnic)
-        if entry is not None and vn in entry.vns:
-            entry.vns[vn].macs = {e.mac: set(e.ips) for e in entries}
+        wanted = None if entry is None else entry.vns.get(vn)
+        return None if wanted is None else wanted.macs
 
-    def remove(self, vnic: str) -> None:
-        self.vnics.pop(vnic, None)
+    def _keep_macs(self, vnic: str, vn: VnRef, names: Iterable[str]) -> Undo:
+        """An undo that puts the named MACs of (vnic, vn) back as they are now.
 
-    def set_state(self, vnic: str, state: Literal["up", "down"]) -> None:
+        O(MACs named), not a copy of the VNIC (which may carry thousands of MACs)."""
+        macs = self._macs(vnic, vn)
+        if macs is None:
+            return _nothing
+        saved = {m: (set(macs[m]) if m in macs else None) for m in names}
+
+        def undo() -> None:
+            for mac, ips in saved.items():
+                if ips is None:
+                    macs.pop(mac, None)
+                else:
+                    macs[mac] = ips
+
+        return undo
+
+    def associate(self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]) -> Undo:
+        undo = self._keep_macs(vnic, vn, (e.mac for e in entries))
+        macs = self._macs(vnic, vn)
+        if macs is not None:
+            for e in entries:
+                macs.setdefault(e.mac, set()).update(e.ips)
+        return undo
+
+    def disassociate(self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]) -> Undo:
+        undo = self._keep_macs(vnic, vn, (e.mac for e in entries))
+        macs = self._macs(vnic, vn)
+        if macs is not None:
+            for e in entries:
+                if not e.ips:
+                    macs.pop(e.mac, None)
+                elif e.mac in macs:
+                    macs[e.mac].difference_update(e.ips)
+        return undo
+
+    def replace(self, vnic: str, vn: VnRef, entries: tuple[AddressEntry, ...]) -> Undo:
+        macs = self._macs(vnic, vn)
+        if macs is None:
+            return _nothing
+        undo = self._keep_macs(vnic, vn, {*macs, *(e.mac for e in entries)})
+        macs.clear()
+        macs.update({e.mac: set(e.ips) for e in entries})
+        return undo
+
+    def remove(self, vnic: str) -> Undo:
+        saved = self.vnics.pop(vnic, None)
+        if saved is None:
+            return _nothing
+
+        def undo() -> None:
+            self.vnics.setdefault(vnic, saved)  # unless re-created meanwhile
+
+        return undo
+
+    def set_state(self, vnic: str, state: Literal["up", "down"]) -> Undo:
         entry = self.vnics.get(vnic)
-        if entry is not None:
-            entry.state = state
+        if entry is None:
+            return _nothing
+        before, entry.state = entry.state, state
+
+        def undo() -> None:
+            now = self.vnics.get(vnic)
+            if now is not None and now.state == state:
+                now.state = before
+
+        return undo
 
     def arrive(self, vnic: str, port: str, vns: tuple[VnAddresses, ...]) -> None:
         entry = self.vnics.get(vnic)

@@ -12,6 +12,7 @@ is executed.
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -116,13 +117,13 @@ async def test_agent_ctl_refuses_fuzzed_commands_and_keeps_serving(
     cp, svc = world
     subject = cp.ep.subjects.agent_ctl("hv1")
     nc = cp._conns[0]
-    before = svc.agent.desired.snapshot(VNIC)
+    before = copy.deepcopy(svc.agent.desired.vnics.get(VNIC))
     msg = await nc.request(subject, payload, timeout=5)
     reply = decode_reply(msg.data)
     assert isinstance(reply, ErrorReply), (payload[:200], reply)
     assert str(reply.code) in TYPED
     assert reply.reason
-    assert svc.agent.desired.snapshot(VNIC) == before
+    assert svc.agent.desired.vnics.get(VNIC) == before
     assert all(not t.done() for t in cp._tasks), "a service stopped"
     # ... and a valid command right after is still executed.
     ok = await nc.request(subject, dumps(AgentCommand(op="startup", vnic=VNIC)), timeout=5)
