@@ -192,11 +192,17 @@ class ImaWriter:
         backoff = 0.05
         while True:
             await self._lease_ok.wait()
+            lease = self.lease_id
             try:
                 return await self._commit(ops)
             except LeaseLost:
                 self.counters["ima_lease_waits"] += 1
-                self.lease_lost()
+                # Hold only if the lease that failed is still the one we have. The
+                # service may have installed a new one while this commit was in
+                # flight; holding then would wait for a ``new_lease`` that already
+                # came, and every write of the NVE would hang (chaos, nve_pause).
+                if self.lease_id == lease:
+                    self.lease_lost()
                 continue
             except StoreUnavailable as exc:
                 self.counters["ima_retries"] += 1
