@@ -10,6 +10,16 @@ Faults: kill -9 and restart of an NVE; SIGSTOP/SIGCONT of an NVE for longer
 than its lease TTL; kill of the etcd leader; kill of one NATS server; an agent
 restart.  etcd auto-compacts every few hundred revisions, so a paused NVE's
 watchers fall behind the compaction and must re-list (counted).
+
+``secured=True`` (``nvo3 chaos --secured``) runs the same rounds on a secured stack,
+as ``nvo3 demo`` and ``nvo3 up`` do: NATS with TLS and one NKey user per identity,
+etcd with client-certificate TLS and RBAC, credentials generated at start
+(``SecureSpec``: nvo3/security.py).  Every process uses its own identity: the IMA
+``ima``, each NVE process ``nve:<id>`` (``NVO3_CREDS``, answering agents only into
+their own inbox), each agent ``hv:<hv>``, the checker and the operator calls ``op``
+(read-only in etcd).  Only the harness's own compaction (a fault, not a client's
+operation) runs as etcd ``root``.  Killed servers restart with their secured
+configuration (same ports, certificates and users).
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from ima.store import StoreError
 from nvo3.check import gather_and_check
 from nvo3.connect import Endpoints, connect_nats, open_store
 from nvo3.progress import Progress
+from nvo3.security import ROLE_IMA, ROLE_OP, ROLE_ROOT, SecureSpec, hv_identity
 from nvo3.servers import LocalServers
 from schemas.messages import AddressEntry, VnRef
 
@@ -47,6 +58,14 @@ FAULTS = ("nve_kill", "nve_pause", "etcd_leader_kill", "nats_kill", "agent_resta
           "nve_restart")
 VNS = (VnRef(alias="blue"), VnRef(alias="red"))
 AGENTS = (("hv1", "nve1"), ("hv2", "nve1"), ("hv3", "nve2"), ("hv4", "nve2"))
+NVES = ("nve1", "nve2")
+SECURED_MODE = "TLS + NKeys + etcd RBAC"
+
+
+def secure_spec() -> SecureSpec:
+    """The secured stack's identities: one per agent (publishing to its own NVE only),
+    one per NVE, and ``ima``, ``op``, ``inspector``, ``root``."""
+    return SecureSpec({hv: [nve] for hv, nve in AGENTS}, list(NVES))
 
 
 @dataclass
@@ -93,6 +112,11 @@ class NveProcess:
         env = {**os.environ, "NVO3_NATS": ",".join(self.ep.nats),
                "NVO3_ETCD": ",".join(self.ep.etcd), "NVO3_KEY_ROOT": self.ep.key_root,
                "NVO3_SUBJECT_ROOT": self.ep.subject_root}
+        # Secured: the child loads the credentials and connects as `nve:<id>`; plain: no
+        # NVO3_CREDS from the caller's environment may secure it by accident.
+        env.pop("NVO3_CREDS", None)
+        if self.ep.credentials is not None:
+            env["NVO3_CREDS"] = str(self.ep.credentials.workdir)
         with self._open_log() as log:  # the child keeps its own descriptor
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "nvo3.cli", "nve", "run", "--id", self.nve_id,
@@ -129,29 +153,42 @@ class Chaos:
         self.servers = servers
         self.rng = random.Random(seed)
         self.out = out
-        self.ep = Endpoints(tuple(servers.nats_urls), tuple(servers.etcd_endpoints))
+        creds = servers.credentials
+        nats, etcd = tuple(servers.nats_urls), tuple(servers.etcd_endpoints)
+        # A secured stack's permissions name its own roots, so those are the ones used.
+        self.ep = (Endpoints(nats, etcd) if creds is None else
+                   Endpoints(nats, etcd, creds.key_root, creds.subject_root, creds))
         self.log_dir = tempfile.mkdtemp(prefix="nvo3-chaos-")  # NVE logs, kept for post-mortems
-        self.nves = {f"nve{i}": NveProcess(f"nve{i}", f"192.0.2.{i}", self.ep, self.log_dir)
-                     for i in (1, 2)}
+        self.nves = {nve: NveProcess(nve, f"192.0.2.{i}", self.ep, self.log_dir)
+                     for i, nve in enumerate(NVES, start=1)}
         self.agents: dict[str, AgentService] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.conns: list[Any] = []
+        self.stores: list[Any] = []
         self.mac_counter = 0
         self.tally: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()  # this round's refusals by error code
-        self.nc: Any = None
-        self.store: Any = None
+        self.nc: Any = None  # the operator's and the checker's NATS connection
+        self.store: Any = None  # the checker's etcd client (read-only when secured)
+        self.admin: Any = None  # the harness's compactions (etcd root when secured)
 
-    async def _nats(self, name: str) -> Any:
-        nc = await connect_nats(self.ep.nats, name)
+    async def _nats(self, name: str, identity: str) -> Any:
+        """A NATS connection; on the secured stack as ``identity`` (None on the plain one)."""
+        nc = await connect_nats(self.ep.nats, name, identity=self.ep.identity(identity))
         self.conns.append(nc)
         return nc
 
+    async def _store(self, identity: str) -> Any:
+        store = await open_store(self.ep.etcd, identity=self.ep.identity(identity))
+        self.stores.append(store)
+        return store
+
     async def setup(self) -> None:
-        self.nc = await self._nats("chaos")
-        self.store = await open_store(self.ep.etcd)
-        ima = ImaService(await self._nats("ima"), self.store, layout=self.ep.layout,
-                         subjects=self.ep.subjects)
+        self.nc = await self._nats("chaos", ROLE_OP)
+        self.store = await self._store(ROLE_OP)
+        self.admin = await self._store(ROLE_ROOT) if self.ep.secure else self.store
+        ima = ImaService(await self._nats("ima", ROLE_IMA), await self._store(ROLE_IMA),
+                         layout=self.ep.layout, subjects=self.ep.subjects)
         self.tasks["ima"] = asyncio.create_task(ima.run())
         await ima.ready.wait()
         client = ImaClient(self.nc, self.ep.subjects)
@@ -159,12 +196,28 @@ class Chaos:
         await client.create("red", service="l3")
         for proc in self.nves.values():
             await proc.start()
+        for nve in self.nves:
+            await self._wait_answering(nve, 30.0)
         for hv, nve in AGENTS:
             await self._start_agent(hv, nve)
 
+    async def _wait_answering(self, nve: str, limit: float) -> None:
+        """Until the NVE process answers (its request subscription is up by then), so
+        round 1 injects its fault into running NVEs, not into their start-up (which
+        takes longer on the secured stack: credentials, TLS, a probing connect)."""
+        deadline = time.monotonic() + limit
+        while await self._tables(nve) is None:
+            why = self.nves[nve].died()
+            if why is not None:
+                raise RuntimeError(why)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{nve} did not answer within {limit:.0f} s "
+                                   f"(log: {self.nves[nve].log_path})")
+            await asyncio.sleep(0.1)
+
     async def _start_agent(self, hv: str, nve: str, previous: AgentService | None = None) -> None:
-        agent = HypervisorAgent(hv, nve, await self._nats(hv), subjects=self.ep.subjects,
-                                timeout=0.5, attempts=3)
+        agent = HypervisorAgent(hv, nve, await self._nats(hv, hv_identity(hv)),
+                                subjects=self.ep.subjects, timeout=0.5, attempts=3)
         agent.resend_extra = lambda: self.rng.randint(0, 2)
         if previous is not None:
             agent.desired = previous.agent.desired  # a restarted agent re-reads its inventory
@@ -184,8 +237,9 @@ class Chaos:
         for nc in self.conns:
             with contextlib.suppress(Exception):
                 await nc.close()
-        if self.store is not None:
-            await self.store.close()
+        for store in self.stores:
+            with contextlib.suppress(Exception):
+                await store.close()
 
     # ------------------------------------------------------------------ churn
 
@@ -317,7 +371,7 @@ class Chaos:
         revision is a future revision"): ask again, a few times."""
         for attempt in range(10):
             try:
-                await self.store.compact(await self.store.current_revision())
+                await self.admin.compact(await self.admin.current_revision())
                 return
             except StoreError:
                 if attempt == 9:
@@ -428,13 +482,15 @@ async def run_chaos(
     servers: LocalServers, rounds: int, seed: int, out: TextIO, ops: int = 6,
     faults: Sequence[str] = FAULTS,
 ) -> list[RoundResult]:
+    """The rounds on ``servers``, secured if they were started with credentials."""
     chaos = Chaos(servers, seed, out)
     results = []
     # SIGTERM cancels the run, so the NVE child processes are stopped (by pid) too.
     on_sigterm = _cancel_on_sigterm()
     try:
         await chaos.setup()
-        print(f"chaos: seed={seed} rounds={rounds}", file=out, flush=True)
+        mode = f" secured ({SECURED_MODE})" if chaos.ep.secure else ""
+        print(f"chaos: seed={seed} rounds={rounds}{mode}", file=out, flush=True)
         print(HEADER, file=out, flush=True)
         with Progress("chaos", rounds) as bar:  # stderr, terminals only
             for i in range(1, rounds + 1):
@@ -473,8 +529,9 @@ def _cancel_on_sigterm() -> Callable[[], None]:
 
 
 def main(rounds: int, seed: int, json_path: str | None = None, out: TextIO = sys.stdout,
-         faults: Sequence[str] = FAULTS) -> int:
-    """``faults`` narrows the mix (e.g. only ``etcd_leader_kill``) to hunt one class."""
+         faults: Sequence[str] = FAULTS, secured: bool = False) -> int:
+    """``faults`` narrows the mix (e.g. only ``etcd_leader_kill``) to hunt one class;
+    ``secured`` runs on the secured stack (credentials generated into its work dir)."""
     unknown = sorted(set(faults) - set(FAULTS))
     if unknown or not faults:
         print(f"chaos: unknown fault(s) {', '.join(unknown) or '(none given)'}; "
@@ -483,6 +540,7 @@ def main(rounds: int, seed: int, json_path: str | None = None, out: TextIO = sys
     servers = LocalServers(
         nats_members=3, etcd_members=3,
         etcd_args=["--auto-compaction-mode", "revision", "--auto-compaction-retention", "200"],
+        secure=secure_spec() if secured else None,
     )
     try:
         servers.start()
@@ -497,7 +555,7 @@ def main(rounds: int, seed: int, json_path: str | None = None, out: TextIO = sys
     print(f"chaos: {len(results)} rounds, {len(bad)} with lost/stale/wrong-VNI", file=out)
     if json_path:
         with open(json_path, "wb") as fh:
-            fh.write(orjson.dumps({"seed": seed, "faults": list(faults),
+            fh.write(orjson.dumps({"seed": seed, "faults": list(faults), "secured": secured,
                                    "rounds": [asdict(r) for r in results]},
                                   option=orjson.OPT_INDENT_2))
     return 1 if bad else 0

@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--json", dest="json_path", help="write per-round results here")
     chaos.add_argument("--faults", default="",
                        help="comma-separated fault kinds to inject (default: all)")
+    chaos.add_argument("--secured", action="store_true",
+                       help="on a secured stack: TLS, one NKey identity per process, etcd RBAC")
 
     schema = sub.add_parser("schema", help="JSON Schema of every message and record")
     schema.add_argument("action", choices=("export",))
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             from nvo3 import chaos
 
             faults = [f for f in args.faults.split(",") if f] or list(chaos.FAULTS)
-            return chaos.main(args.rounds, args.seed, args.json_path, faults=faults)
+            return chaos.main(args.rounds, args.seed, args.json_path, faults=faults,
+                              secured=args.secured)
         if args.command == "placement":
             return _run_async(lambda: operator_commands.placement_command(args), OP_S)
         if args.command == "check":

@@ -5,6 +5,10 @@ out of each other's way with a unique etcd key prefix and NATS subject root each
 
 The stack is local processes unless ``NVO3_BACKEND=testcontainers`` asks for Docker
 containers of compose.yaml's images (nvo3/containers.py).
+
+``secured`` is a secured stack (TLS, NKeys, etcd RBAC; tests/secured.py) for the modules
+that ask for it: one per module, not per session, since a module may rotate or remove
+identities and reload nats-server.
 """
 
 from __future__ import annotations
@@ -16,12 +20,19 @@ import pytest
 
 from nvo3.containers import ContainerServers, session_servers
 from nvo3.servers import LocalServers
+from tests.secured import secured_stack
 
 
 @pytest.fixture(scope="session")
 def servers() -> Iterator[LocalServers | ContainerServers]:
     with session_servers() as stack:
         yield stack
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[LocalServers]:
+    """Started by the first test of a module that uses it, stopped after its last."""
+    yield from secured_stack()
 
 
 @pytest.fixture

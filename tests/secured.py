@@ -2,8 +2,9 @@
 
 Shared by the modules that need one (``test_security_transport``,
 ``test_fuzz_secured``, and the ``secured`` variants of ``test_bad_input`` and
-``test_authorization``); each starts its own per module (``secured_stack``),
-since a module may rotate or remove identities.
+``test_authorization``); each gets its own per module (the module-scoped ``secured``
+fixture in tests/conftest.py, built by ``secured_stack``), since a module may rotate or
+remove identities.
 
 A secured stack's NATS permissions and etcd roles name one subject root and one key
 root (``nvo3`` and ``/nvo3/``), so tests on it cannot each have their own, as they do

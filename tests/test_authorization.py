@@ -14,7 +14,7 @@ sender's own inbox (``AGENT_REPLY_PREFIX``, ``_INBOX_hv_<hv>.``) on both stacks.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -22,7 +22,6 @@ from nats.aio.msg import Msg
 
 from agents.agent import AgentError, HypervisorAgent
 from nvo3.security import AGENT_REPLY_PREFIX, hv_identity, inbox_prefix
-from nvo3.servers import LocalServers
 from schemas.errors import ErrorCode
 from schemas.messages import AddressEntry, VnAddresses, VnicShutdown, VnRef
 from schemas.records import VnMembers
@@ -31,7 +30,6 @@ from tests.secured import (
     STACKS,
     Violations,
     request_counters,
-    secured_stack,
     settle,
     start_on_stack,
 )
@@ -42,11 +40,6 @@ pytestmark = pytest.mark.integration
 BLUE, RED = VnRef(alias="blue"), VnRef(alias="red")
 A = str(uuid.uuid5(uuid.NAMESPACE_URL, "authz/a"))
 B = str(uuid.uuid5(uuid.NAMESPACE_URL, "authz/b"))
-
-
-@pytest.fixture(scope="module")
-def secured() -> Iterator[LocalServers]:
-    yield from secured_stack()
 
 
 @pytest.fixture(params=STACKS)

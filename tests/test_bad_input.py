@@ -15,7 +15,7 @@ publish), which ``test_every_bad_input_...`` checks too.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats.errors
@@ -23,13 +23,11 @@ import orjson
 import pytest
 
 from nvo3.security import hv_identity
-from nvo3.servers import LocalServers
 from schemas.wire import MAX_PAYLOAD
 from tests.secured import (
     STACKS,
     Violations,
     request_counters,
-    secured_stack,
     settle,
     start_on_stack,
 )
@@ -39,11 +37,6 @@ pytestmark = pytest.mark.integration
 
 VNIC = str(uuid.uuid5(uuid.NAMESPACE_URL, "bad/a"))
 OTHER = str(uuid.uuid5(uuid.NAMESPACE_URL, "bad/b"))
-
-
-@pytest.fixture(scope="module")
-def secured() -> Iterator[LocalServers]:
-    yield from secured_stack()
 
 
 @pytest.fixture(params=STACKS)

@@ -26,7 +26,7 @@ import copy
 import json
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -81,7 +81,7 @@ from schemas.operator import (
 from schemas.profile import AclRule, Qos, VnProfile
 from schemas.types import normalize_ip_entry, normalize_mac
 from schemas.wire import decode_hypervisor, decode_model, decode_reply, dumps
-from tests.secured import quiet, secured_stack, start_secured
+from tests.secured import quiet, start_secured
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -168,11 +168,6 @@ class World:
         assert isinstance(reply, OkReply), reply
         assert reply.ima_ops == 1, reply
         self.hv2_bound = not self.hv2_bound
-
-
-@pytest.fixture(scope="module")
-def secured() -> Iterator[LocalServers]:
-    yield from secured_stack()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +42,12 @@ from nvo3.security import (
 from nvo3.servers import LocalServers, find_binary
 from schemas.messages import AddressEntry, VnicShutdown, VnRef
 from schemas.wire import dumps
-from tests.secured import HYPERVISORS, NVES, Violations, secured_stack, settle, start_secured
+from tests.secured import HYPERVISORS, NVES, Violations, settle, start_secured
 from tests.secured import quiet as _quiet
 
 pytestmark = pytest.mark.integration
 
 SHORT = 0.5
-
-
-@pytest.fixture(scope="module")
-def secured() -> Iterator[LocalServers]:
-    yield from secured_stack()
 
 
 @pytest.fixture(scope="module")
