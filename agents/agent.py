@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any
 
 from nats.aio.client import Client as Nats
-from nats.errors import NoRespondersError
+from nats.errors import NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeout
 
 from agents.desired import DesiredState, Undo
@@ -67,6 +67,11 @@ class AgentError(Exception):
 
 class NveUnreachable(Exception):
     pass
+
+
+#: A request that got no answer, to be sent again: a timeout, nobody subscribed (the NVE
+#: restarting), or nats-py's reconnect buffer full while the server is away.
+_NO_ANSWER = (NatsTimeout, NoRespondersError, OutboundBufferLimitError)
 
 
 RTT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -169,7 +174,7 @@ class HypervisorAgent:
             try:
                 response = await self.nc.request(subject, payload, timeout=self.timeout)
                 raise_if_cancelled()
-            except (NatsTimeout, NoRespondersError) as exc:
+            except _NO_ANSWER as exc:
                 if attempt == self.attempts:
                     self.unsynced.add(nve)
                     self.counters[f"unreachable.{nve}"] += 1
@@ -184,8 +189,7 @@ class HypervisorAgent:
             self.rtt.observe(time.perf_counter() - sent)
             reply = decode_reply(response.data)
             if self.resend_extra is not None:
-                for _ in range(self.resend_extra()):  # replays: must change nothing
-                    await self.nc.request(subject, payload, timeout=self.timeout)
+                await self._duplicates(subject, payload, self.resend_extra())
             if isinstance(reply, ErrorReply):
                 self.counters[f"replies.{reply.code}"] += 1
                 if reply.code == ErrorCode.STALE_SEQ:
@@ -214,6 +218,20 @@ class HypervisorAgent:
             self.counters["replies.ok"] += 1
             return reply
         raise AssertionError("unreachable")
+
+    async def _duplicates(self, subject: str, payload: bytes, n: int) -> None:
+        """Publish an answered request ``n`` more times (chaos: at-least-once delivery).
+
+        The NVE must answer them from its replay cache and change nothing. Their
+        answers do not matter: one that does not come in time (the NVE restarting, a
+        NATS server going away) is counted, never raised, since the request itself
+        was already answered.
+        """
+        for _ in range(n):
+            try:
+                await self.nc.request(subject, payload, timeout=self.timeout)
+            except _NO_ANSWER:
+                self.counters["duplicates_unanswered"] += 1
 
     # ------------------------------------------------------------ operations
 

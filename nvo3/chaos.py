@@ -168,6 +168,7 @@ class Chaos:
         self.mac_counter = 0
         self.tally: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()  # this round's refusals by error code
+        self.check_error = ""  # why the checker last failed to gather, for the report
         self.nc: Any = None  # the operator's and the checker's NATS connection
         self.store: Any = None  # the checker's etcd client (read-only when secured)
         self.admin: Any = None  # the harness's compactions (etcd root when secured)
@@ -430,12 +431,20 @@ class Chaos:
             try:
                 report = await gather_and_check(self.nc, self.store, self.ep,
                                                 sorted(self.agents), request_timeout=2)
-            except Exception:
+            except Exception as exc:
                 report = None
+                self.check_error = f"{type(exc).__name__}: {exc}"[:300]
             if report is not None and report.ok:
                 break
             await asyncio.sleep(0.25)
         return report, time.monotonic() - start
+
+    def _dead_tasks(self) -> list[str]:
+        out = []
+        for name, task in self.tasks.items():
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                out.append(f"{name} died: {task.exception()!r}")
+        return out
 
     async def relists(self) -> int:
         total = 0
@@ -453,12 +462,15 @@ class Chaos:
         await self.churn(2)
         report, converge = await self.quiesce(30.0)
         lost = stale = wrong = -1
-        diffs: list[str] = ["checker could not run"]
+        diffs: list[str] = [f"checker could not run ({self.check_error})"]
         if report is not None:
             lost, stale, wrong = len(report.lost), len(report.stale), len(report.wrong_vni)
             diffs = (report.lost + report.stale + report.wrong_vni)[:10]
-        # An NVE that died on its own (not by an injected kill) says why, first.
-        diffs[:0] = [why for why in (p.died() for p in self.nves.values()) if why]
+        # A process or in-process service that died on its own (not by an injected
+        # fault) says why, first: an agent sidecar that stopped answering otherwise
+        # only shows as "checker could not run".
+        diffs[:0] = [*(why for why in (p.died() for p in self.nves.values()) if why),
+                     *self._dead_tasks()]
         t = self.tally
         return RoundResult(index, fault, t["events"], t["refused"], t["unreachable"],
                            lost, stale, wrong,

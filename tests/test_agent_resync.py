@@ -103,3 +103,12 @@ async def test_a_request_overtaken_on_its_last_try_is_kept_and_resynced(cp: Slic
     assert cp.store is not None
     report = (await gather_and_check(cp._conns[0], cp.store, cp.ep, ["hv1"])).as_dict()
     assert (report["lost"], report["stale"], report["wrong_vni"]) == (0, 0, 0), report
+
+
+async def test_unanswered_duplicates_are_counted_not_raised(cp: Slice) -> None:
+    """Chaos publishes each answered request again; an unanswered duplicate (the NVE
+    restarting) used to escape ``send`` and kill the agent sidecar's sync loop."""
+    agent = await cp.agent("hv1", "nve1", timeout=0.2)
+    await cp.stop_nve("nve2")  # nobody answers its subject any more
+    await agent._duplicates(cp.ep.subjects.hv_request("nve2", "hv1", "vnic_startup"), b"{}", 2)
+    assert agent.counters["duplicates_unanswered"] == 2
