@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from schemas.messages import AddressEntry, VnRef
-from tests.slice import Slice, start_slice
+from tests.slice import Slice, running_slice
 
 pytestmark = pytest.mark.integration
 
@@ -20,11 +20,9 @@ pytestmark = pytest.mark.integration
 async def cp(
     nats_urls: list[str], etcd_endpoints: list[str], key_prefix: str, subject_root: str
 ) -> AsyncIterator[Slice]:
-    s = await start_slice(nats_urls, etcd_endpoints, key_prefix, subject_root, ("nve1",))
-    try:
+    async with running_slice(nats_urls, etcd_endpoints, key_prefix, subject_root, ("nve1",),
+                             vns=()) as s:
         yield s
-    finally:
-        await s.stop()
 
 
 async def nvo3(cp: Slice, *args: str) -> tuple[int, bytes, bytes]:

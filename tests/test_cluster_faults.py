@@ -16,7 +16,7 @@ from agents.service import AgentService
 from nvo3.check import gather_and_check
 from nvo3.servers import LocalServers
 from schemas.messages import AddressEntry, VnRef
-from tests.slice import WAIT, Slice, start_slice
+from tests.slice import WAIT, Slice, running_slice
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +31,9 @@ def cluster() -> Iterator[LocalServers]:
 
 @pytest.fixture
 async def cp(cluster: LocalServers, key_prefix: str, subject_root: str) -> AsyncIterator[Slice]:
-    s = await start_slice(cluster.nats_urls, cluster.etcd_endpoints, key_prefix, subject_root,
-                          ("nve1", "nve2"), announce_s=0.2)
-    try:
-        assert s.client is not None
-        await s.client.create("blue")
+    async with running_slice(cluster.nats_urls, cluster.etcd_endpoints, key_prefix,
+                             subject_root, announce_s=0.2) as s:
         yield s
-    finally:
-        await s.stop()
 
 
 async def agent_service(cp: Slice, hv: str, nve: str) -> AgentService:

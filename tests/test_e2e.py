@@ -15,7 +15,7 @@ from agents.agent import AgentError
 from ima.client import ImaError
 from schemas.errors import ErrorCode
 from schemas.messages import AddressEntry, VnRef
-from tests.slice import Slice, start_slice
+from tests.slice import Slice, running_slice
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +31,9 @@ def vnic(label: str) -> str:
 async def cp(
     nats_urls: list[str], etcd_endpoints: list[str], key_prefix: str, subject_root: str
 ) -> AsyncIterator[Slice]:
-    s = await start_slice(nats_urls, etcd_endpoints, key_prefix, subject_root)
-    try:
-        assert s.client is not None
-        await s.client.create("blue", service="l2")
-        await s.client.create("red", service="l3")
+    async with running_slice(nats_urls, etcd_endpoints, key_prefix, subject_root,
+                             vns=(("blue", "l2"), ("red", "l3"))) as s:
         yield s
-    finally:
-        await s.stop()
 
 
 def remote_has(cp: Slice, nve: str, entry: str) -> bool:
