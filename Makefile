@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test chaos bench lint typecheck check clean sysdeps
+.PHONY: demo test chaos chaos-secured bench lint typecheck check clean sysdeps
 
 # The `libvirt` extra (libvirt-python, for `nvo3 agent run --libvirt`) compiles
 # against the system libvirt: it needs gcc, pkg-config and libvirt's headers.
@@ -41,6 +41,10 @@ test: $(STAMP)
 # The long fault-injection run (50 rounds, ~5 min here); results go to docs/reliability.md.
 chaos: $(STAMP)
 	$(BIN)/nvo3 chaos --rounds 50 --seed 1 --json chaos-results.json
+
+# The same on the secured stack (TLS, NKeys, etcd RBAC; one identity per process).
+chaos-secured: $(STAMP)
+	$(BIN)/nvo3 chaos --secured --rounds 50 --seed 1 --json chaos-results-secured.json
 
 # The full benchmark (floors and system figures in one run, ~4 min); see docs/performance.md.
 bench: $(STAMP)
