@@ -337,7 +337,10 @@ def _mapped(what: str) -> Iterator[None]:
 #: its silent retry then fails its own compare: the writer saw ``succeeded=False`` for a
 #: key it had just written and reported it lost to another NVE
 #: (tests/test_store.py::test_an_ambiguous_txn_is_never_retried_into_a_false_refusal).
-#: So writes go out once; ``EtcdStore._call`` retries only what provably never left.
+#: So every write goes out once, and ``EtcdStore._call`` decides: it resends reads and
+#: unconditional writes (the same state either way), and a conditional txn only when
+#: it provably never left; otherwise the caller gets ``StoreUnavailable`` and plans
+#: again from what etcd holds.
 _ONCE = 1
 
 _NOT_SENT_MARKERS = (
@@ -622,9 +625,11 @@ class EtcdStore:
 
     ``timeout`` is the budget of each call. etcd3aio fails fast while gRPC is still
     reconnecting (e.g. just after an etcd restart or member loss), so within that budget
-    calls are retried: reads always, writes only when the request provably never left
-    this process (a retried write could otherwise apply twice). Only when the budget is
-    spent does :class:`StoreUnavailable` reach the caller.
+    calls are retried: reads and unconditional writes always, a transaction with
+    compares only when the request provably never left this process (applied once and
+    sent again, it would fail its own compare). Only when the budget is spent, or the
+    answer to a conditional transaction was lost, does :class:`StoreUnavailable` reach
+    the caller.
     """
 
     def __init__(
@@ -822,7 +827,7 @@ class EtcdStore:
         resp = await self._call(
             f"put {key!r}",
             lambda t: self._kv().put(_enc(key), value, lease=lease, timeout=t, max_attempts=_ONCE),
-            idempotent=False,
+            idempotent=True,  # unconditional: sent again, it leaves the same state
         )
         return int(resp.header.revision)
 
@@ -830,12 +835,13 @@ class EtcdStore:
         resp = await self._call(
             f"delete {key!r}",
             lambda t: self._kv().delete(_enc(key), timeout=t, max_attempts=_ONCE),
-            idempotent=False,
+            idempotent=True,
         )
         return int(resp.header.revision)
 
     async def delete_prefix(self, prefix: str) -> int:
-        """Returns how many keys were deleted."""
+        """Returns how many keys were deleted (by the attempt that answered: after a
+        lost answer, the resend finds fewer)."""
         if not prefix:
             raise ValueError("refusing to delete with an empty prefix (would wipe etcd)")
         start = _enc(prefix)
@@ -843,7 +849,7 @@ class EtcdStore:
             f"delete prefix {prefix!r}",
             lambda t: self._kv().delete(start, range_end=prefix_range_end(start), timeout=t,
                                         max_attempts=_ONCE),
-            idempotent=False,
+            idempotent=True,
         )
         return int(resp.deleted)
 
@@ -864,7 +870,10 @@ class EtcdStore:
             "txn",
             lambda t: self._kv().txn(pb_compares, pb_success, pb_failure, timeout=t,
                                      max_attempts=_ONCE),
-            idempotent=False,
+            # Without compares the success branch always runs: unconditional puts,
+            # deletes and reads, which a resend leaves as they were. With compares, a
+            # resend of an applied txn would fail its own compare: the caller decides.
+            idempotent=not compares,
         )
         return TxnResult(
             succeeded=bool(resp.succeeded),
@@ -916,7 +925,7 @@ class EtcdStore:
         """Returns the lease id; etcd may round the TTL up (minimum ~2 s by default)."""
         resp = await self._call(
             "grant lease", lambda t: self._lease().grant(ttl, timeout=t, max_attempts=_ONCE),
-            idempotent=False
+            idempotent=True,  # a resend may leave an unused lease: it expires after its TTL
         )
         return int(resp.ID)
 

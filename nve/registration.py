@@ -16,7 +16,14 @@ from collections import Counter
 
 import orjson
 
-from ima.store import EtcdStore, KeyMissing, ModRevisionEquals, Put, StoreError
+from ima.store import (
+    EtcdStore,
+    KeyMissing,
+    ModRevisionEquals,
+    Put,
+    StoreError,
+    StoreUnavailable,
+)
 from schemas.records import NveRecord
 
 
@@ -53,6 +60,12 @@ async def register(
                 continue  # the revoke deleted the record too: read again
         compare = (KeyMissing(key) if current is None
                    else ModRevisionEquals(key, current.mod_revision))
-        result = await store.txn([compare], [Put(key, value, lease=lease_id)])
+        try:
+            result = await store.txn([compare], [Put(key, value, lease=lease_id)])
+        except StoreUnavailable:
+            # The answer was lost; it may have been applied. Read again: our own record
+            # is then found and written once more (``ima/store.py:_ONCE``).
+            counters["registration_retries"] += 1
+            continue
         if result.succeeded:
             return
