@@ -276,6 +276,7 @@ class VnFollower:
         latencies: deque[int],
         on_change: Callable[[], None],
         on_foreign: Callable[[str, str, str, Binding | RemoteEntry], None] | None = None,
+        stages: dict[str, deque[tuple[int, int]]] | None = None,
     ) -> None:
         self.vn = vn
         self._store = store
@@ -285,6 +286,11 @@ class VnFollower:
         self._latencies = latencies
         self._on_change = on_change
         self._on_foreign = on_foreign
+        #: ``watch_ms`` in the NVE's tables, (at_ns, duration_ns) samples: "apply" = how
+        #: long applying one watch response held the event loop (decode + remote table),
+        #: "propagation" = agent publish -> applied here, per remote put (``latencies``
+        #: with the time it was applied).
+        self._stages = stages
 
     async def run(self, resume_from: int = 0) -> None:
         """Follow the VN; ``resume_from`` (a warm restart) skips the first listing."""
@@ -298,7 +304,13 @@ class VnFollower:
                     revision = await self._relist(prefix)
                 async with self._store.watch_prefix(prefix, revision + 1) as watch:
                     async for events in watch:
-                        self._apply(events)
+                        if self._stages is None:
+                            self._apply(events)
+                        else:
+                            started = time.perf_counter_ns()
+                            self._apply(events)
+                            self._stages["apply"].append(
+                                (time.time_ns(), time.perf_counter_ns() - started))
                         backoff = 0.1
             except WatchCompacted as exc:
                 self._counters["relists_after_compaction"] += 1
@@ -398,6 +410,8 @@ class VnFollower:
                 if binding.nve != self._remote.nve_id:
                     if binding.ts_ns:
                         self._latencies.append(now - binding.ts_ns)
+                        if self._stages is not None:
+                            self._stages["propagation"].append((now, now - binding.ts_ns))
                     if binding.trace and _log.isEnabledFor(logging.DEBUG):
                         _log.debug("learned %s in VN %s at NVE %s", entry, self.vn, binding.nve,
                                    extra={"trace": binding.trace, "nve": self._remote.nve_id,

@@ -36,6 +36,7 @@ from nve.registration import Superseded, register
 from nve.remote import Binding, RemoteEntry
 from nve.resolver import VnResolver
 from nve.writer import ImaWriter, WriteClaim, WriteDelete, WriteOp, WritePut, WriteReport
+from nvo3.loop_lag import LoopLag
 from schemas.errors import ErrorCode, ProtocolError
 from schemas.messages import (
     AddrObserved,
@@ -77,6 +78,7 @@ class NveConfig:
     mobility: MobilityPolicy = field(default_factory=MobilityPolicy)
     state_file: str | None = None  # warm restart: remote tables + revisions saved on stop
     state_save_s: float = 10.0  # ... and this often while running, so a crash leaves one too
+    loop_lag_s: float = 0.005  # event-loop lag probe interval (0: off); see nvo3/loop_lag.py
 
     @property
     def timers(self) -> Timers:
@@ -89,7 +91,7 @@ def _json(model: Any) -> bytes:
     return orjson.dumps(model.model_dump(mode="json"))
 
 
-def _percentiles(samples: deque[tuple[int, int]], since_ns: int = 0) -> dict[str, float]:
+def percentiles(samples: deque[tuple[int, int]], since_ns: int = 0) -> dict[str, float]:
     """p50/p99/max in ms of (received_ns, duration_ns) samples received after ``since_ns``."""
     ordered = sorted(d for at, d in samples if at > since_ns)
     if not ordered:
@@ -130,6 +132,13 @@ class NveService:
         #: writes are durable (decode, apply, the writer's queue and etcd).
         self.stages: dict[str, deque[tuple[int, int]]] = {  # (received_ns, duration_ns)
             "receive": deque(maxlen=10_000), "commit": deque(maxlen=10_000)}
+        #: The remote side, ns, last 10 000 samples: "apply" = how long applying one watch
+        #: response (decode + remote table) held the event loop; "propagation" = agent
+        #: publish -> applied here, per remote put (nve/follower.py).
+        self.watch_stages: dict[str, deque[tuple[int, int]]] = {
+            "apply": deque(maxlen=10_000), "propagation": deque(maxlen=10_000)}
+        #: How late the event loop runs (a long synchronous step, GC, or no CPU).
+        self.loop_lag = LoopLag(self.counters, config.loop_lag_s or 0.005)
         self.writer = ImaWriter(store, self.counters, config.nve_id, config.mobility)
         self.resolver = VnResolver(VnRegistry(store, self.layout))
         self.epoch = time.time_ns()  # this incarnation; newer than any earlier one [issue 4]
@@ -175,6 +184,8 @@ class NveService:
                 for mirror in mirrors:
                     tg.create_task(mirror.follow(), name=f"{cfg.nve_id}-mirror")
                 tg.create_task(self._announce(), name=f"{cfg.nve_id}-epoch")
+                if cfg.loop_lag_s > 0:
+                    tg.create_task(self.loop_lag.run(), name=f"{cfg.nve_id}-loop-lag")
                 if cfg.state_file and cfg.state_save_s > 0:
                     tg.create_task(self._save_periodically(), name=f"{cfg.nve_id}-state")
                 self.ready.set()
@@ -436,7 +447,7 @@ class NveService:
             old.cancel()
         follower = VnFollower(
             vn, self.store, self.layout, self.core.remote, self.counters, self.latencies,
-            self._changed.set, self._foreign,
+            self._changed.set, self._foreign, self.watch_stages,
         )
         resume_from = 0
         saved = self._warm.pop(vn, None)
@@ -633,8 +644,14 @@ class NveService:
         tables["epoch"] = self.epoch
         tables["counters"] = dict(sorted(self.counters.items()))
         tables["queue_depth"] = self.writer.depth
-        tables["stages_ms"] = {name: _percentiles(samples, stages_since_ns)
+        tables["stages_ms"] = {name: percentiles(samples, stages_since_ns)
                                for name, samples in self.stages.items()}
+        # Kept out of ``stages_ms``, which is about requests: the loop's lateness and the
+        # remote side (watch responses applied), over the same window.
+        tables["loop_lag_ms"] = self.loop_lag.summary(stages_since_ns)
+        tables["watch_ms"] = {name: percentiles(samples, stages_since_ns)
+                              for name, samples in self.watch_stages.items()}
+        tables["writer_ms"] = {"batch": percentiles(self.writer.batch_times, stages_since_ns)}
         return tables
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:

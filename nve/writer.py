@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import orjson
@@ -115,6 +115,9 @@ class ImaWriter:
     owned: dict[str, int] = field(default_factory=dict)  # key -> mod revision we wrote
     lease_id: int = 0  # every binding carries the NVE's lease: it dies with the NVE
     epoch: int = 0  # this incarnation; a key held by a newer one of ours is not ours
+    #: (committed_ns, duration_ns) of each batch: planning + etcd round trips (and any
+    #: retries), last 10 000; the rest of a request's "commit" stage is queueing.
+    batch_times: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=10_000))
     _queue: asyncio.Queue[_Pending] = field(init=False)
     _lease_ok: asyncio.Event = field(init=False)
 
@@ -171,7 +174,9 @@ class ImaWriter:
                 for op in item.ops:
                     merged.pop(op.key, None)  # re-insert so order follows the last write
                     merged[op.key] = op
+            started = time.perf_counter_ns()
             report = await self._retrying(list(merged.values()))
+            self.batch_times.append((time.time_ns(), time.perf_counter_ns() - started))
             clean = WriteReport(report.revision) if not (report.lost or report.frozen) else None
             for item in batch:
                 if item.done.done():

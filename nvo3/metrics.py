@@ -129,6 +129,22 @@ class NveCollector(Collector):
         for name, samples in svc.stages.items():
             stages.add_metric([nve, name], *_buckets([d / 1e9 for _, d in list(samples)]))
         yield stages
+        lag = HistogramMetricFamily(
+            "nvo3_nve_loop_lag_seconds",
+            "How late the NVE's event loop ran a task due then (last 20k probes, one per "
+            "5 ms): a long synchronous step, a GC pause, or no CPU", labels=["nve"])
+        lag.add_metric([nve], *_buckets([d / 1e9 for _, d in list(svc.loop_lag.samples)]))
+        yield lag
+        steps = HistogramMetricFamily(
+            "nvo3_nve_step_seconds",
+            "Single steps (last 10k each): watch_apply = one watch response applied to the "
+            "remote table (holds the event loop), ima_batch = one writer batch committed "
+            "to etcd", labels=["nve", "step"])
+        steps.add_metric([nve, "watch_apply"], *_buckets(
+            [d / 1e9 for _, d in list(svc.watch_stages["apply"])]))
+        steps.add_metric([nve, "ima_batch"], *_buckets(
+            [d / 1e9 for _, d in list(svc.writer.batch_times)]))
+        yield steps
 
 
 def _buckets(seconds: list[float]) -> tuple[list[tuple[str, float]], float]:
