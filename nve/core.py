@@ -188,7 +188,7 @@ class NveCore:
                     "for a different message",
                     seq=str(msg.seq),
                 )
-            return Outcome(old_outcome.result, (), True, old_outcome.results)
+            return old_outcome
         newest = self._newest.get(msg.sender, -1)
         if msg.seq < newest:
             # Delivered out of order: applying it now could undo a later request.
@@ -204,7 +204,10 @@ class NveCore:
         finally:
             self._trace = ""
         self._newest[msg.sender] = msg.seq
-        seen[msg.seq] = (msg, outcome)
+        # Kept as its replay answer: no effects, so the window does not hold every
+        # binding of the last 512 requests per sender alive (each one more object for
+        # every full garbage collection to walk).
+        seen[msg.seq] = (msg, Outcome(outcome.result, (), True, outcome.results))
         if len(seen) > REPLAY_WINDOW:
             seen.popitem(last=False)
         return outcome
