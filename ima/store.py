@@ -287,7 +287,7 @@ def _grpc_error(exc: BaseException) -> grpc.aio.AioRpcError | None:
 #: Retried by callers.  INTERNAL included: gRPC's core reports a broken HTTP/2
 #: connection that way ("Internal error from Core", seen on the lease keepalive
 #: stream after the process was paused past its TTL); the NVE then died instead of
-#: re-registering.  Every write of ours is conditional, so a retry is always safe.
+#: re-registering.  Which calls may be resent after such an error: see ``_ONCE``.
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.INTERNAL)
 
