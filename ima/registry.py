@@ -19,7 +19,7 @@ import uuid
 import orjson
 
 from ima.keys import KeyLayout
-from ima.store import Delete, EtcdStore, KeyMissing, Put
+from ima.store import Delete, EtcdStore, KeyMissing, Put, StoreUnavailable
 from schemas.errors import Conflict, ErrorCode, Exhausted, UnknownVn
 from schemas.messages import ServiceType, VnRef
 from schemas.profile import VnProfile
@@ -27,6 +27,7 @@ from schemas.records import Placement, VnMembers, VnPointer, VnRecord
 from schemas.types import MAX_VN_ID, MAX_VNI
 
 MAX_ATTEMPTS = 256
+MAX_LOST_ANSWERS = 3  # creation transactions whose answer etcd lost, then give up
 
 
 def _candidate(name: str, attempt: int, space: int, salt: bytes) -> int:
@@ -88,6 +89,7 @@ class VnRegistry:
     ) -> tuple[VnRecord, bool]:
         """Create the VN or return the identical existing one; (record, created)."""
         wanted_name = name
+        lost_answers = 0
         for attempt in range(MAX_ATTEMPTS):
             existing = await self._existing(alias, wanted_name)
             if existing is not None:
@@ -105,20 +107,28 @@ class VnRegistry:
             )
             pointer = _json(VnPointer(name=vn_name))
             keys = self._keys
-            result = await self._store.txn(
-                [
-                    KeyMissing(keys.vn_name(vn_name)),
-                    KeyMissing(keys.vn_alias(alias)),
-                    KeyMissing(keys.vn_id(record.vn_id)),
-                    KeyMissing(keys.vn_vni(record.vni)),
-                ],
-                [
-                    Put(keys.vn_name(vn_name), _json(record)),
-                    Put(keys.vn_alias(alias), pointer),
-                    Put(keys.vn_id(record.vn_id), pointer),
-                    Put(keys.vn_vni(record.vni), pointer),
-                ],
-            )
+            try:
+                result = await self._store.txn(
+                    [
+                        KeyMissing(keys.vn_name(vn_name)),
+                        KeyMissing(keys.vn_alias(alias)),
+                        KeyMissing(keys.vn_id(record.vn_id)),
+                        KeyMissing(keys.vn_vni(record.vni)),
+                    ],
+                    [
+                        Put(keys.vn_name(vn_name), _json(record)),
+                        Put(keys.vn_alias(alias), pointer),
+                        Put(keys.vn_id(record.vn_id), pointer),
+                        Put(keys.vn_vni(record.vni), pointer),
+                    ],
+                )
+            except StoreUnavailable:
+                # The answer was lost (a leader that committed and died?): the next
+                # round reads the alias again and returns our VN if it was applied.
+                lost_answers += 1
+                if lost_answers > MAX_LOST_ANSWERS:
+                    raise
+                continue
             if result.succeeded:
                 return record, True
             if vn_id is not None and await self._store.get(keys.vn_id(vn_id)) is not None:

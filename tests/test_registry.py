@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
@@ -87,3 +88,28 @@ async def test_two_ima_replicas_agree(
         assert sum(r.created for r in replies) == 1
     finally:
         await s.stop()
+
+
+async def test_a_create_whose_answer_was_lost_returns_the_vn_it_made(
+    etcd_endpoints: list[str], key_prefix: str
+) -> None:
+    """etcd applied the creation and its answer was lost: the creator finds its own VN
+    (not created a second time under another name, not an error)."""
+    from tests.cut_proxy import CutProxy
+
+    host, port = etcd_endpoints[0].rsplit(":", 1)
+    layout = KeyLayout(key_prefix)
+    async with CutProxy(host, int(port)) as proxy, EtcdStore([proxy.endpoint]) as store:
+        registry = VnRegistry(store, layout)
+        txn = store.txn
+
+        async def txn_losing_its_answer(*args: Any, **kwargs: Any) -> Any:
+            proxy.arm()  # the reads before it go through; this answer is lost
+            store.txn = txn  # type: ignore[method-assign]
+            return await txn(*args, **kwargs)
+
+        store.txn = txn_losing_its_answer  # type: ignore[method-assign]
+        record, _ = await registry.create(alias="lost-answer")
+        assert proxy.cuts == 1, "the proxy never lost an answer: the test proved nothing"
+        assert [r.name for r in await registry.list()] == [record.name]
+        await store.delete_prefix(key_prefix)
