@@ -362,6 +362,13 @@ def _never_sent(exc: BaseException) -> bool:
     return any(marker in detail for marker in _NOT_SENT_MARKERS)
 
 
+def _tls_refused(exc: BaseException) -> bool:
+    """Every member refused our TLS handshake (wrong CA, no or a foreign certificate)."""
+    rpc = _grpc_error(exc)
+    detail = "" if rpc is None else (rpc.details() or "").lower()
+    return "handshake failed" in detail
+
+
 def _tune_channel(client: Etcd3Client, max_receive_bytes: int) -> None:
     """Cap gRPC's reconnect backoff (default: 1 s growing to 120 s).
 
@@ -675,7 +682,14 @@ class EtcdStore:
         await client.connect()
         self._client = client
         try:
-            await self.current_revision()
+            # One try: a refused TLS handshake is a misconfiguration, not a member
+            # restarting, and retrying it for the whole budget made a wrong
+            # certificate take ~5 s to report (exit 4). Anything else is retried.
+            await self._call(
+                "current revision",
+                lambda t: self._kv().get(b"\0", count_only=True, timeout=t, max_attempts=_ONCE),
+                idempotent=True, give_up=_tls_refused,
+            )
         except BaseException:
             await self.close()
             raise
@@ -717,9 +731,11 @@ class EtcdStore:
         return lease
 
     async def _call(
-        self, what: str, call: Callable[[float], Awaitable[_T]], *, idempotent: bool
+        self, what: str, call: Callable[[float], Awaitable[_T]], *, idempotent: bool,
+        give_up: Callable[[BaseException], bool] | None = None,
     ) -> _T:
-        """Run ``call(remaining_budget)``, mapping errors and retrying within the budget."""
+        """Run ``call(remaining_budget)``, mapping errors and retrying within the budget
+        (``give_up(error)``: do not retry this one)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         delay = 0.05
@@ -729,7 +745,8 @@ class EtcdStore:
                 with _mapped(what):
                     return await call(max(deadline - loop.time(), 0.001))
             except StoreUnavailable as exc:
-                if not (idempotent or _never_sent(exc)) or loop.time() + delay >= deadline:
+                if (not (idempotent or _never_sent(exc)) or loop.time() + delay >= deadline
+                        or (give_up is not None and give_up(exc))):
                     self.counters["unavailable"] += 1
                     raise
                 self.counters["retries"] += 1
