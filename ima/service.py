@@ -15,6 +15,7 @@ from typing import Any
 
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
+from nats.errors import OutboundBufferLimitError
 from pydantic import BaseModel
 
 from ima.keys import KeyLayout
@@ -95,7 +96,12 @@ class ImaService:
             self.counters[f"ops.{op}.{ErrorCode.IMA_UNAVAILABLE}"] += 1
             reply = ErrorReply(code=ErrorCode.IMA_UNAVAILABLE, reason=str(exc))
         if msg.reply:
-            await self.nc.publish(msg.reply, dumps(reply))
+            try:
+                await self.nc.publish(msg.reply, dumps(reply))
+            except OutboundBufferLimitError:
+                # Disconnected with nats-py's reconnect buffer full: the answer is lost
+                # like one lost on the wire; the caller asks again. Never fatal.
+                self.counters["replies_dropped"] += 1
 
     async def _dispatch(self, op: str, data: bytes) -> BaseModel:
         if op == "create":
