@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 import orjson
+from nats.errors import OutboundBufferLimitError
 
 from agents.agent import AgentError, HypervisorAgent, NveUnreachable
 from schemas.errors import ErrorCode, ProtocolError
@@ -110,8 +111,7 @@ class AgentService:
                                    reason=f"{exc} (kept; delivered by the next resync)")
             if isinstance(reply, ErrorReply):
                 self.counters[f"command_errors.{reply.code}"] += 1
-            if msg.reply:
-                await self.agent.nc.publish(msg.reply, dumps(reply))
+            await self._answer(msg, dumps(reply))
 
     @property
     def sync_queue_depth(self) -> int:
@@ -155,8 +155,17 @@ class AgentService:
 
     async def _answer_state(self, sub: Any) -> None:
         async for msg in sub.messages:
-            if msg.reply:
-                await self.agent.nc.publish(msg.reply, orjson.dumps(self.state()))
+            await self._answer(msg, orjson.dumps(self.state()))
+
+    async def _answer(self, msg: Any, payload: bytes) -> None:
+        """Reply if asked to; an answer nats-py cannot buffer while disconnected is
+        lost like one lost on the wire (the asker asks again), never fatal."""
+        if not msg.reply:
+            return
+        try:
+            await self.agent.nc.publish(msg.reply, payload)
+        except OutboundBufferLimitError:
+            self.counters["replies_dropped"] += 1
 
     def state(self) -> dict[str, Any]:
         agent = self.agent
