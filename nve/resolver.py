@@ -2,6 +2,9 @@
 
 VN records do not change once created, so an NVE asks the IMA once per VN and
 reference spelling; an unknown VN is not cached, so creating it later works.
+The NVE also mirrors the registry and ``learn``s every VN record it sees, so
+requests for an existing VN need no etcd read at all: a first resolution during
+an etcd leader election would otherwise hold the NVE's request loop.
 A deleted VN is forgotten (the NVE watches the registry), so a VN deleted and
 created again under the same alias resolves to the new record.
 """
@@ -25,6 +28,15 @@ class VnResolver:
             self._cache[ref] = record
             self._cache[VnRef(name=record.name)] = record
         return record
+
+    def learn(self, record: VnRecord) -> None:
+        """Every spelling of ``record``'s reference resolves to it from now on."""
+        for ref in (VnRef(name=record.name), VnRef(alias=record.alias),
+                    VnRef(id=record.vn_id)):
+            self._cache[ref] = record
+
+    def cached(self, ref: VnRef) -> VnRecord | None:
+        return self._cache.get(ref)
 
     def forget(self, name: str) -> int:
         """The VN ``name`` was deleted: drop every spelling of it; how many."""

@@ -15,6 +15,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -50,11 +51,13 @@ from schemas.operator import TablesQuery
 from schemas.profile import VnProfile
 from schemas.records import NveRecord, Placement, VnAttachment, VnRecord
 from schemas.subjects import Subjects
-from schemas.wire import decode_hypervisor, decode_model, dumps
+from schemas.wire import decode_hypervisor, decode_model, dumps, ok_reply
 
 _log = logging.getLogger(__name__)
 
 REPLAY_COMMITS = 512  # as many as the core's replay cache keeps per sender, at least
+#: Requests handled from the subscription's queue before the request loop yields.
+DRAIN_YIELD = 32
 
 
 
@@ -99,10 +102,6 @@ def percentiles(samples: deque[tuple[int, int]], since_ns: int = 0) -> dict[str,
     def at(q: float) -> float:
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6, 3)
     return {"n": len(ordered), "p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1] / 1e6, 3)}
-
-
-def _ignore(key: str, value: bytes, revision: int) -> None:
-    del key, value, revision
 
 
 class NveService:
@@ -156,6 +155,10 @@ class NveService:
         self.crashed = False  # set by tests to stop like kill -9: no revoke, no state save
         self._saved_at: tuple[int, ...] = ()
         self._replies: set[asyncio.Task[None]] = set()
+        #: Replies waiting to be published (subject, payload); at most one per request
+        #: whose writes are committed, so bounded like the requests in flight.
+        self._outbox: deque[tuple[str, bytes]] = deque()
+        self._outbox_busy = False
         self.requests_sub: Any = None  # metrics: requests waiting in the NATS client
 
     # ------------------------------------------------------------- lifecycle
@@ -250,7 +253,37 @@ class NveService:
     # ------------------------------------------------------------- requests
 
     async def _serve_requests(self, sub: Any) -> None:
-        async for msg in sub.messages:
+        """Handle requests one after another.
+
+        nats-py's message iterator creates a task and runs ``asyncio.wait`` for every
+        message (about 12 us, and two turns of the event loop). Messages already
+        waiting in the subscription's queue are taken from it directly, as that
+        iterator would take them (same accounting); only an empty queue goes through
+        the iterator, which also ends the loop on unsubscribe. Every ``DRAIN_YIELD``
+        messages taken this way the loop yields, so the writer and the replies run.
+        """
+        messages = sub.messages
+        queue: asyncio.Queue[Msg] | None = getattr(sub, "_pending_queue", None)
+        if queue is None or not hasattr(sub, "_pending_size"):  # another nats-py
+            async for msg in messages:
+                await self.handle(msg)
+            return
+        drained = 0
+        while True:
+            if queue.empty():
+                drained = 0
+                try:
+                    msg = await anext(messages)
+                except StopAsyncIteration:
+                    return
+            else:
+                msg = queue.get_nowait()
+                sub._pending_size -= len(msg.data)
+                queue.task_done()
+                drained += 1
+                if drained >= DRAIN_YIELD:
+                    drained = 0
+                    await asyncio.sleep(0)
             await self.handle(msg)
 
     async def handle(self, msg: Msg) -> None:
@@ -276,7 +309,9 @@ class NveService:
                 raise ProtocolError(ErrorCode.RATE_LIMITED,
                                     f"hypervisor {subject_hv} is over {self.config.rate_per_s}/s")
             vn = await self._resolve(request)
-            vns = await self._resolve_many(request)
+            # Most requests name one VN: no coroutine for the (empty) rest.
+            vns = (await self._resolve_many(request)
+                   if getattr(request, "vns", None) or getattr(request, "vnics", None) else {})
             outcome = self.core.apply(request, vn, time.time_ns(), vns=vns)
         except ProtocolError as exc:
             self.counters[f"errors.{exc.code}"] += 1
@@ -306,12 +341,16 @@ class NveService:
             self._commits[key] = done
             if len(self._commits) > REPLAY_COMMITS:
                 self._commits.popitem(last=False)
-        reply = OkReply(seq=seq, op=kind, result=outcome.result, results=outcome.results,
-                        ima_ops=len(ops), refused=dict(outcome.refused), epoch=self.epoch)
+        if outcome.result is None and not outcome.results and not outcome.refused:
+            data = ok_reply(seq, kind, len(ops), self.epoch)
+        else:
+            data = dumps(OkReply(seq=seq, op=kind, result=outcome.result,
+                                 results=outcome.results, ima_ops=len(ops),
+                                 refused=dict(outcome.refused), epoch=self.epoch))
         self._changed.set()
-        task = asyncio.create_task(self._reply_when(done, msg, reply, received))
-        self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
+        # A callback, not a task per request: it runs when the writes are durable (or
+        # lost) and queues the reply; one task publishes what is queued (_send).
+        done.add_done_callback(partial(self._committed, msg, seq, data, received))
 
     def _check_reply_subject(self, msg: Msg, hypervisor: str) -> None:
         """A request may not aim our reply at another client's inbox [5]."""
@@ -377,12 +416,23 @@ class NveService:
         record = VnAttachment(vn=vn, nve=self.config.nve_id, epoch=self.epoch)
         return WritePut(self.layout.vn_attached(vn, self.config.nve_id), _json(record))
 
-    async def _reply_when(
-        self, done: asyncio.Future[WriteReport], msg: Msg, reply: OkReply, received: int = 0
-    ) -> None:
-        report = await done
+    def _committed(self, msg: Msg, seq: int | None, data: bytes, received: int,
+                   done: asyncio.Future[WriteReport]) -> None:
+        """``done`` resolved: the request's IMA writes are durable (or lost); reply
+        ``data`` (its encoded ``OkReply``), or the error if a write was lost."""
+        if done.cancelled():
+            return
+        report = done.result()
         if received:
             self.stages["commit"].append((received, time.time_ns() - received))
+        if report.lost or report.frozen:
+            failure = self._failure(seq, report)
+            if failure is not None:
+                data = dumps(failure)
+        if msg.reply:
+            self._send(msg.reply, data)
+
+    def _failure(self, seq: int | None, report: WriteReport) -> ErrorReply | None:
         failure: ErrorReply | None = None
         lost = [key for key in report.lost if self.layout.parse_map_key(key) is not None]
         if lost:
@@ -390,21 +440,43 @@ class NveService:
             for key in lost:
                 self._lost(key)
             failure = ErrorReply(
-                seq=reply.seq, code=ErrorCode.MAC_CONFLICT,
+                seq=seq, code=ErrorCode.MAC_CONFLICT,
                 reason=f"lost to another NVE in the IMA: {', '.join(lost)}",
                 details={"keys": ",".join(lost)})
         elif report.frozen:
             for key in report.frozen:  # not ours in the IMA: do not pretend locally
                 self._lost(key)
             failure = ErrorReply(
-                seq=reply.seq, code=ErrorCode.ADDRESS_FROZEN,
+                seq=seq, code=ErrorCode.ADDRESS_FROZEN,
                 reason="; ".join(f"{k}: {why}" for k, why in report.frozen.items()),
                 details={"keys": ",".join(report.frozen)})
             _log.warning("NVE %s: frozen addresses %s", self.config.nve_id, report.frozen)
         if failure is not None:
             self.counters[f"errors.{failure.code}"] += 1
-        if msg.reply:
-            await self._reply(msg, failure or reply)
+        return failure
+
+    def _send(self, subject: str, data: bytes) -> None:
+        """Queue a reply; replies queued together (a batch's commit resolves many
+        requests at once) are published by one task, in order."""
+        self._outbox.append((subject, data))
+        if not self._outbox_busy:
+            self._outbox_busy = True
+            task = asyncio.get_running_loop().create_task(self._publish_outbox())
+            self._replies.add(task)
+            task.add_done_callback(self._replies.discard)
+
+    async def _publish_outbox(self) -> None:
+        try:
+            while self._outbox:
+                subject, data = self._outbox.popleft()
+                try:
+                    await self.nc.publish(subject, data)
+                except Exception as exc:  # like a failed reply task: this reply is lost
+                    self.counters["reply_publish_errors"] += 1
+                    _log.warning("NVE %s: cannot publish a reply to %s (%s)",
+                                 self.config.nve_id, subject, exc)
+        finally:
+            self._outbox_busy = False
 
     def _lost(self, key: str) -> None:
         parsed = self.layout.parse_map_key(key)
@@ -433,10 +505,11 @@ class NveService:
         await self.writer.submit(ops)
 
     async def _reply(self, msg: Msg, reply: OkReply | ErrorReply) -> None:
+        """An immediate answer (a refusal), queued behind the replies before it."""
         if not msg.reply:
             self.counters["dropped_no_reply_subject"] += 1
             return
-        await self.nc.publish(msg.reply, dumps(reply))
+        self._send(msg.reply, dumps(reply))
 
     # ------------------------------------------------------------ followers
 
@@ -554,10 +627,8 @@ class NveService:
             done = await self.writer.submit(ops)
             self._changed.set()
             if msg.reply:
-                reply = OkReply(op="addr_observed", ima_ops=len(ops))
-                task = asyncio.create_task(self._reply_when(done, msg, reply))
-                self._replies.add(task)
-                task.add_done_callback(self._replies.discard)
+                data = ok_reply(None, "addr_observed", len(ops), 0)
+                done.add_done_callback(partial(self._committed, msg, None, data, 0))
 
     # ------------------------------------------- profiles and placements
 
@@ -571,9 +642,20 @@ class NveService:
                          self._drop_placement, self.counters, self._changed.set),
             PrefixMirror(self.store, self.layout.nves_prefix(), self._set_nve,
                          self._drop_nve, self.counters, self._changed.set),
-            PrefixMirror(self.store, self.layout.vn_names_prefix(), _ignore,
+            PrefixMirror(self.store, self.layout.vn_names_prefix(), self._learn_vn,
                          self._forget_vn, self.counters, self._changed.set),
         ]
+
+    def _learn_vn(self, name: str, value: bytes, revision: int) -> None:
+        """A VN exists: resolve it without asking etcd (``nve.resolver``)."""
+        del name, revision
+        try:
+            record = VnRecord.model_validate_json(value)
+        except ValueError:
+            self.counters["vn_records_unreadable"] += 1
+            return
+        self.resolver.learn(record)
+        self.counters["vns_learned"] += 1
 
     def _forget_vn(self, name: str) -> None:
         """A VN was deleted from the registry: stop resolving it from the cache."""
