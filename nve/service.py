@@ -433,25 +433,29 @@ class NveService:
             self._send(msg.reply, data)
 
     def _failure(self, seq: int | None, report: WriteReport) -> ErrorReply | None:
+        """The error reply for lost or frozen keys. The first request answered from
+        ``report`` also drops them locally; a retransmission answered from the same
+        report (``_commits``) only gets the same answer."""
         failure: ErrorReply | None = None
+        first, report.answered = not report.answered, True
         lost = [key for key in report.lost if self.layout.parse_map_key(key) is not None]
         if lost:
             # Another NVE won the compare-and-swap: the address is not ours.
-            for key in lost:
+            for key in lost if first else ():
                 self._lost(key)
             failure = ErrorReply(
                 seq=seq, code=ErrorCode.MAC_CONFLICT,
                 reason=f"lost to another NVE in the IMA: {', '.join(lost)}",
                 details={"keys": ",".join(lost)})
         elif report.frozen:
-            for key in report.frozen:  # not ours in the IMA: do not pretend locally
+            for key in report.frozen if first else ():  # not ours: do not pretend locally
                 self._lost(key)
             failure = ErrorReply(
                 seq=seq, code=ErrorCode.ADDRESS_FROZEN,
                 reason="; ".join(f"{k}: {why}" for k, why in report.frozen.items()),
                 details={"keys": ",".join(report.frozen)})
             _log.warning("NVE %s: frozen addresses %s", self.config.nve_id, report.frozen)
-        if failure is not None:
+        if failure is not None and first:
             self.counters[f"errors.{failure.code}"] += 1
         return failure
 

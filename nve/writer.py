@@ -58,6 +58,7 @@ from schemas.errors import ProtocolError
 _log = logging.getLogger(__name__)
 
 MAX_TXN_OPS = 128
+_RECHECKS = 3  # a key whose compare-and-swap failed is read again this often
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class WriteReport:
     revision: int = 0
     lost: list[str] = field(default_factory=list)  # held by another NVE: not written
     frozen: dict[str, str] = field(default_factory=dict)  # key -> reason (duplicate detection)
+    answered: bool = False  # the service acted on lost/frozen keys once (nve.service)
 
 
 @dataclass
@@ -242,13 +244,17 @@ class ImaWriter:
 
         tasks = [asyncio.ensure_future(one(chunk)) for chunk in chunks]
         try:
-            await asyncio.gather(*tasks)
+            # Every chunk runs to its end, even when one fails: a transaction cancelled
+            # on our side may still be applied by etcd, and would then land in the
+            # middle of the retry's fresh plan (its compare-and-swap would fail
+            # against our own late write, and the key would be reported lost).
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            # On a failure (retried by the caller with a fresh plan) nothing of this
-            # attempt may still be running.
-            for task in tasks:
+            for task in tasks:  # only if we are cancelled ourselves
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return report
 
     def _plan(
@@ -326,7 +332,7 @@ class ImaWriter:
                 self.owned[plan.op.key] = revision
                 self.counters["ima_puts"] += 1
 
-    async def _commit_one(self, plan: _Planned, report: WriteReport) -> None:
+    async def _commit_one(self, plan: _Planned, report: WriteReport, again: int = 0) -> None:
         """One key on its own: find out who holds it and act only if it is ours."""
         key = plan.op.key
         kv = await self.store.get(key)
@@ -366,6 +372,12 @@ class ImaWriter:
         self.counters["ima_txns"] += 1
         if result.succeeded:
             self._owned_after([_Planned(plan.op, compare, op)], result.revision, report)
+        elif again < _RECHECKS:
+            # The key changed between our read and our write. Only a holder other than
+            # this incarnation makes it lost; if it was a write of our own (one that
+            # etcd applied late), look again and write on top of it.
+            self.counters["ima_cas_rechecks"] += 1
+            await self._commit_one(plan, report, again + 1)
         else:
             report.lost.append(key)
             self.counters["ima_lost"] += 1
