@@ -15,13 +15,12 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import orjson
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
-from nats.errors import SlowConsumerError
+from nats.errors import OutboundBufferLimitError, SlowConsumerError
 
 from ima.keys import KeyLayout
 from ima.mobility import MobilityPolicy
@@ -51,13 +50,11 @@ from schemas.operator import TablesQuery
 from schemas.profile import VnProfile
 from schemas.records import NveRecord, Placement, VnAttachment, VnRecord
 from schemas.subjects import Subjects
-from schemas.wire import decode_hypervisor, decode_model, dumps, ok_reply
+from schemas.wire import decode_hypervisor, decode_model, dumps
 
 _log = logging.getLogger(__name__)
 
 REPLAY_COMMITS = 512  # as many as the core's replay cache keeps per sender, at least
-#: Requests handled from the subscription's queue before the request loop yields.
-DRAIN_YIELD = 32
 
 
 
@@ -155,10 +152,6 @@ class NveService:
         self.crashed = False  # set by tests to stop like kill -9: no revoke, no state save
         self._saved_at: tuple[int, ...] = ()
         self._replies: set[asyncio.Task[None]] = set()
-        #: Replies waiting to be published (subject, payload); at most one per request
-        #: whose writes are committed, so bounded like the requests in flight.
-        self._outbox: deque[tuple[str, bytes]] = deque()
-        self._outbox_busy = False
         self.requests_sub: Any = None  # metrics: requests waiting in the NATS client
 
     # ------------------------------------------------------------- lifecycle
@@ -253,37 +246,7 @@ class NveService:
     # ------------------------------------------------------------- requests
 
     async def _serve_requests(self, sub: Any) -> None:
-        """Handle requests one after another.
-
-        nats-py's message iterator creates a task and runs ``asyncio.wait`` for every
-        message (about 12 us, and two turns of the event loop). Messages already
-        waiting in the subscription's queue are taken from it directly, as that
-        iterator would take them (same accounting); only an empty queue goes through
-        the iterator, which also ends the loop on unsubscribe. Every ``DRAIN_YIELD``
-        messages taken this way the loop yields, so the writer and the replies run.
-        """
-        messages = sub.messages
-        queue: asyncio.Queue[Msg] | None = getattr(sub, "_pending_queue", None)
-        if queue is None or not hasattr(sub, "_pending_size"):  # another nats-py
-            async for msg in messages:
-                await self.handle(msg)
-            return
-        drained = 0
-        while True:
-            if queue.empty():
-                drained = 0
-                try:
-                    msg = await anext(messages)
-                except StopAsyncIteration:
-                    return
-            else:
-                msg = queue.get_nowait()
-                sub._pending_size -= len(msg.data)
-                queue.task_done()
-                drained += 1
-                if drained >= DRAIN_YIELD:
-                    drained = 0
-                    await asyncio.sleep(0)
+        async for msg in sub.messages:
             await self.handle(msg)
 
     async def handle(self, msg: Msg) -> None:
@@ -309,9 +272,7 @@ class NveService:
                 raise ProtocolError(ErrorCode.RATE_LIMITED,
                                     f"hypervisor {subject_hv} is over {self.config.rate_per_s}/s")
             vn = await self._resolve(request)
-            # Most requests name one VN: no coroutine for the (empty) rest.
-            vns = (await self._resolve_many(request)
-                   if getattr(request, "vns", None) or getattr(request, "vnics", None) else {})
+            vns = await self._resolve_many(request)
             outcome = self.core.apply(request, vn, time.time_ns(), vns=vns)
         except ProtocolError as exc:
             self.counters[f"errors.{exc.code}"] += 1
@@ -341,16 +302,12 @@ class NveService:
             self._commits[key] = done
             if len(self._commits) > REPLAY_COMMITS:
                 self._commits.popitem(last=False)
-        if outcome.result is None and not outcome.results and not outcome.refused:
-            data = ok_reply(seq, kind, len(ops), self.epoch)
-        else:
-            data = dumps(OkReply(seq=seq, op=kind, result=outcome.result,
-                                 results=outcome.results, ima_ops=len(ops),
-                                 refused=dict(outcome.refused), epoch=self.epoch))
+        reply = OkReply(seq=seq, op=kind, result=outcome.result, results=outcome.results,
+                        ima_ops=len(ops), refused=dict(outcome.refused), epoch=self.epoch)
         self._changed.set()
-        # A callback, not a task per request: it runs when the writes are durable (or
-        # lost) and queues the reply; one task publishes what is queued (_send).
-        done.add_done_callback(partial(self._committed, msg, seq, data, received))
+        task = asyncio.create_task(self._reply_when(done, msg, reply, received))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
 
     def _check_reply_subject(self, msg: Msg, hypervisor: str) -> None:
         """A request may not aim our reply at another client's inbox [5]."""
@@ -416,27 +373,16 @@ class NveService:
         record = VnAttachment(vn=vn, nve=self.config.nve_id, epoch=self.epoch)
         return WritePut(self.layout.vn_attached(vn, self.config.nve_id), _json(record))
 
-    def _committed(self, msg: Msg, seq: int | None, data: bytes, received: int,
-                   done: asyncio.Future[WriteReport]) -> None:
-        """``done`` resolved: the request's IMA writes are durable (or lost); reply
-        ``data`` (its encoded ``OkReply``), or the error if a write was lost."""
-        if done.cancelled():
-            return
-        report = done.result()
+    async def _reply_when(
+        self, done: asyncio.Future[WriteReport], msg: Msg, reply: OkReply, received: int = 0
+    ) -> None:
+        report = await done
         if received:
             self.stages["commit"].append((received, time.time_ns() - received))
-        if report.lost or report.frozen:
-            failure = self._failure(seq, report)
-            if failure is not None:
-                data = dumps(failure)
-        if msg.reply:
-            self._send(msg.reply, data)
-
-    def _failure(self, seq: int | None, report: WriteReport) -> ErrorReply | None:
-        """The error reply for lost or frozen keys. The first request answered from
-        ``report`` also drops them locally; a retransmission answered from the same
-        report (``_commits``) only gets the same answer."""
         failure: ErrorReply | None = None
+        # The first request answered from ``report`` drops lost keys locally; a
+        # retransmission answered from the same report (``_commits``) only gets the
+        # same answer.
         first, report.answered = not report.answered, True
         lost = [key for key in report.lost if self.layout.parse_map_key(key) is not None]
         if lost:
@@ -444,43 +390,21 @@ class NveService:
             for key in lost if first else ():
                 self._lost(key)
             failure = ErrorReply(
-                seq=seq, code=ErrorCode.MAC_CONFLICT,
+                seq=reply.seq, code=ErrorCode.MAC_CONFLICT,
                 reason=f"lost to another NVE in the IMA: {', '.join(lost)}",
                 details={"keys": ",".join(lost)})
         elif report.frozen:
             for key in report.frozen if first else ():  # not ours: do not pretend locally
                 self._lost(key)
             failure = ErrorReply(
-                seq=seq, code=ErrorCode.ADDRESS_FROZEN,
+                seq=reply.seq, code=ErrorCode.ADDRESS_FROZEN,
                 reason="; ".join(f"{k}: {why}" for k, why in report.frozen.items()),
                 details={"keys": ",".join(report.frozen)})
             _log.warning("NVE %s: frozen addresses %s", self.config.nve_id, report.frozen)
         if failure is not None and first:
             self.counters[f"errors.{failure.code}"] += 1
-        return failure
-
-    def _send(self, subject: str, data: bytes) -> None:
-        """Queue a reply; replies queued together (a batch's commit resolves many
-        requests at once) are published by one task, in order."""
-        self._outbox.append((subject, data))
-        if not self._outbox_busy:
-            self._outbox_busy = True
-            task = asyncio.get_running_loop().create_task(self._publish_outbox())
-            self._replies.add(task)
-            task.add_done_callback(self._replies.discard)
-
-    async def _publish_outbox(self) -> None:
-        try:
-            while self._outbox:
-                subject, data = self._outbox.popleft()
-                try:
-                    await self.nc.publish(subject, data)
-                except Exception as exc:  # like a failed reply task: this reply is lost
-                    self.counters["reply_publish_errors"] += 1
-                    _log.warning("NVE %s: cannot publish a reply to %s (%s)",
-                                 self.config.nve_id, subject, exc)
-        finally:
-            self._outbox_busy = False
+        if msg.reply:
+            await self._reply(msg, failure or reply)
 
     def _lost(self, key: str) -> None:
         parsed = self.layout.parse_map_key(key)
@@ -509,11 +433,15 @@ class NveService:
         await self.writer.submit(ops)
 
     async def _reply(self, msg: Msg, reply: OkReply | ErrorReply) -> None:
-        """An immediate answer (a refusal), queued behind the replies before it."""
         if not msg.reply:
             self.counters["dropped_no_reply_subject"] += 1
             return
-        self._send(msg.reply, dumps(reply))
+        try:
+            await self.nc.publish(msg.reply, dumps(reply))
+        except OutboundBufferLimitError:
+            # Disconnected with nats-py's reconnect buffer full: this answer is lost
+            # like one lost on the wire; the agent retransmits. Never fatal.
+            self.counters["replies_dropped"] += 1
 
     # ------------------------------------------------------------ followers
 
@@ -631,8 +559,10 @@ class NveService:
             done = await self.writer.submit(ops)
             self._changed.set()
             if msg.reply:
-                data = ok_reply(None, "addr_observed", len(ops), 0)
-                done.add_done_callback(partial(self._committed, msg, None, data, 0))
+                reply = OkReply(op="addr_observed", ima_ops=len(ops))
+                task = asyncio.create_task(self._reply_when(done, msg, reply))
+                self._replies.add(task)
+                task.add_done_callback(self._replies.discard)
 
     # ------------------------------------------- profiles and placements
 
