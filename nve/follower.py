@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import sys
 import time
@@ -277,8 +278,13 @@ class VnFollower:
         on_change: Callable[[], None],
         on_foreign: Callable[[str, str, str, Binding | RemoteEntry], None] | None = None,
         stages: dict[str, deque[tuple[int, int]]] | None = None,
+        relist_s: float = 0.0,
     ) -> None:
         self.vn = vn
+        #: Anti-entropy: list the VN again this often (0: never) while the watch runs,
+        #: and count what the listing changed (``relist_repairs``): a watch event that
+        #: was missed is repaired within this time, and shows in the counter.
+        self.relist_s = relist_s
         self._store = store
         self._layout = layout
         self._remote = remote
@@ -296,13 +302,17 @@ class VnFollower:
         """Follow the VN; ``resume_from`` (a warm restart) skips the first listing."""
         prefix = self._layout.map_prefix(self.vn)
         backoff = 0.1
+        periodic = False
+        window: asyncio.Timeout | None = None
         while self._remote.serves(self.vn):
             try:
                 if resume_from:
                     revision, resume_from = resume_from - 1, 0
                 else:
-                    revision = await self._relist(prefix)
-                async with self._store.watch_prefix(prefix, revision + 1) as watch:
+                    revision = await self._relist(prefix, periodic=periodic)
+                periodic = False
+                async with (self._store.watch_prefix(prefix, revision + 1) as watch,
+                            asyncio.timeout(self._next_relist()) as window):
                     async for events in watch:
                         if self._stages is None:
                             self._apply(events)
@@ -312,6 +322,10 @@ class VnFollower:
                             self._stages["apply"].append(
                                 (time.time_ns(), time.perf_counter_ns() - started))
                         backoff = 0.1
+            except TimeoutError:
+                if window is None or not window.expired():
+                    raise
+                periodic = True  # time for the anti-entropy listing
             except WatchCompacted as exc:
                 self._counters["relists_after_compaction"] += 1
                 _log.warning("VN %s: watch revision compacted (%d); re-listing",
@@ -322,7 +336,14 @@ class VnFollower:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    async def _relist(self, prefix: str) -> int:
+    def _next_relist(self) -> float | None:
+        """Seconds until the next anti-entropy listing (jittered, so NVEs do not all
+        list at once), for ``asyncio.timeout``; None: never."""
+        if self.relist_s <= 0:
+            return None
+        return self.relist_s * random.uniform(0.8, 1.2)
+
+    async def _relist(self, prefix: str, periodic: bool = False) -> int:
         """List the VN at one revision and replace what the remote table holds of it.
 
         A compaction racing with the paging restarts the listing at a fresh revision
@@ -335,7 +356,14 @@ class VnFollower:
             except RevisionCompacted:
                 if attempt == RELIST_ATTEMPTS:
                     raise
-        self._remote.load_snapshot(self.vn, snapshot, revision)
+        changed = self._remote.load_snapshot(self.vn, snapshot, revision)
+        if periodic:
+            self._counters["periodic_relists"] += 1
+            if changed:
+                # Each one is a watch event that never arrived (or arrived wrong).
+                self._counters["relist_repairs"] += changed
+                _log.warning("VN %s: the periodic listing repaired %d remote entries",
+                             self.vn, changed)
         self._counters["relists"] += 1
         self._on_change()
         return revision

@@ -122,14 +122,15 @@ class RemoteTable:
 
     def load_snapshot(
         self, vn: str, items: Sequence[tuple[str, Binding | RemoteEntry]], revision: int
-    ) -> None:
-        """Replace what we know of ``vn`` by a listing made at ``revision``.
+    ) -> int:
+        """Replace what we know of ``vn`` by a listing made at ``revision``; returns how
+        many entries that changed (added, removed or different).
 
         ``items`` may already be entries (the follower converts page by page, so a
         cold sync never holds a million binding models at once)."""
         remote = self.vns.get(vn)
         if remote is None:
-            return
+            return 0
         newest: dict[str, int] = {}
         for _, b in items:
             if b.epoch > newest.get(b.nve, 0):
@@ -145,8 +146,12 @@ class RemoteTable:
                 self.stale_epoch += 1
                 continue
             entries[k] = b if isinstance(b, RemoteEntry) else entry(b)
+        before = remote.entries
+        changed = sum(1 for k, e in entries.items() if before.get(k) != e)
+        changed += sum(1 for k in before if k not in entries)
         remote.entries = entries
         remote.revision = revision
+        return changed
 
     def put(self, vn: str, key: str, binding: Binding, revision: int) -> bool:
         remote = self._fresh(vn, revision)

@@ -79,6 +79,9 @@ class NveConfig:
     state_file: str | None = None  # warm restart: remote tables + revisions saved on stop
     state_save_s: float = 10.0  # ... and this often while running, so a crash leaves one too
     loop_lag_s: float = 0.005  # event-loop lag probe interval (0: off); see nvo3/loop_lag.py
+    #: Anti-entropy: each followed VN is listed again this often (0: never), repairing
+    #: and counting any watch event that was missed (``relist_repairs``).
+    relist_s: float = 300.0
 
     @property
     def timers(self) -> Timers:
@@ -452,7 +455,7 @@ class NveService:
             old.cancel()
         follower = VnFollower(
             vn, self.store, self.layout, self.core.remote, self.counters, self.latencies,
-            self._changed.set, self._foreign, self.watch_stages,
+            self._changed.set, self._foreign, self.watch_stages, self.config.relist_s,
         )
         resume_from = 0
         saved = self._warm.pop(vn, None)

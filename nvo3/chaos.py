@@ -57,6 +57,9 @@ LEASE_TTL = 2
 FAULTS = ("nve_kill", "nve_pause", "etcd_leader_kill", "nats_kill", "agent_restart",
           "nve_restart")
 VNS = (VnRef(alias="blue"), VnRef(alias="red"))
+#: The NVEs' anti-entropy listing period (``nve run --relist-s``), short here so that a
+#: missed watch event is repaired, and counted, within a round.
+RELIST_S = 5.0
 AGENTS = (("hv1", "nve1"), ("hv2", "nve1"), ("hv3", "nve2"), ("hv4", "nve2"))
 NVES = ("nve1", "nve2")
 SECURED_MODE = "TLS + NKeys + etcd RBAC"
@@ -83,6 +86,7 @@ class RoundResult:
     relists: int
     differences: list[str] = field(default_factory=list)
     refusals: dict[str, int] = field(default_factory=dict)  # error code -> count
+    repairs: int = 0  # remote entries repaired by periodic listings so far (cumulative)
 
     @property
     def ok(self) -> bool:
@@ -121,7 +125,8 @@ class NveProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "nvo3.cli", "nve", "run", "--id", self.nve_id,
                 "--underlay", self.underlay, "--lease-ttl", str(LEASE_TTL), "--hold-s", "1",
-                "--announce-s", "0.5", env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log)
+                "--announce-s", "0.5", "--relist-s", str(RELIST_S), env=env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=log)
 
     def _open_log(self) -> Any:
         log = open(self.log_path, "ab")  # noqa: SIM115 (closed by the caller's with)
@@ -447,11 +452,19 @@ class Chaos:
         return out
 
     async def relists(self) -> int:
+        return await self._counter_sum("relists_after_compaction")
+
+    async def repairs(self) -> int:
+        """Remote entries the NVEs' periodic listings had to repair (missed watch events);
+        cumulative per NVE process, like ``relists``."""
+        return await self._counter_sum("relist_repairs")
+
+    async def _counter_sum(self, name: str) -> int:
         total = 0
         for nve in self.nves:
             snap = await self._tables(nve)
             if snap is not None:
-                total += int(snap["counters"].get("relists_after_compaction", 0))
+                total += int(snap["counters"].get(name, 0))
         return total
 
     async def round(self, index: int, fault: str, ops: int) -> RoundResult:
@@ -475,7 +488,8 @@ class Chaos:
         return RoundResult(index, fault, t["events"], t["refused"], t["unreachable"],
                            lost, stale, wrong,
                            None if cleanup is None else round(cleanup, 2), round(converge, 2),
-                           await self.relists(), diffs, dict(sorted(self.refusals.items())))
+                           await self.relists(), diffs, dict(sorted(self.refusals.items())),
+                           await self.repairs())
 
 
 HEADER = (f"{'round':>5} {'fault':<17} {'events':>6} {'refused':>7} {'unreach':>7} "
@@ -512,6 +526,9 @@ async def run_chaos(
                 result = await chaos.round(i, fault, ops)
                 results.append(result)
                 bar.echo(_row(result), file=out)
+                if result.repairs:
+                    bar.echo(f"      periodic listings repaired {result.repairs} remote "
+                             "entries so far (missed watch events)", file=out)
                 if result.refusals:
                     bar.echo("      refused: " + ", ".join(
                         f"{code} {n}" for code, n in result.refusals.items()), file=out)

@@ -80,6 +80,7 @@ async def run_nve(args: argparse.Namespace) -> int:
         config = NveConfig(args.id, args.underlay, lease_ttl=args.lease_ttl,
                            hold_s=args.hold_s, announce_s=args.announce_s,
                            state_file=args.state_file, state_save_s=args.state_save_s,
+                           relist_s=args.relist_s,
                            enforce_placement=args.enforce_placement,
                            rate_per_s=args.rate_per_s, burst=args.burst,
                            reply_prefix=AGENT_REPLY_PREFIX if ep.secure else None)
