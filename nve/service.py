@@ -81,7 +81,7 @@ class NveConfig:
     loop_lag_s: float = 0.005  # event-loop lag probe interval (0: off); see nvo3/loop_lag.py
     #: Anti-entropy: each followed VN is listed again this often (0: never), repairing
     #: and counting any watch event that was missed (``relist_repairs``).
-    relist_s: float = 300.0
+    relist_s: float = 60.0
 
     @property
     def timers(self) -> Timers:

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "--state-save-s while running), resume from them")
     nve_run.add_argument("--state-save-s", type=float, default=10.0,
                          help="period of warm-state saves while running (0: only on stop)")
-    nve_run.add_argument("--relist-s", type=float, default=300.0,
+    nve_run.add_argument("--relist-s", type=float, default=60.0,
                          help="list each followed VN again this often and repair what a "
                               "missed watch event left wrong (counted: relist_repairs; "
                               "0: never)")
