@@ -343,12 +343,34 @@ class VnFollower:
             return None
         return self.relist_s * random.uniform(0.8, 1.2)
 
+    async def _missed(self, prefix: str) -> int | None:
+        """Entries the remote table has wrong: it is compared with a listing at the
+        revision it says it reflects, so events merely not delivered yet do not count.
+        None if that revision is already compacted (nothing to compare with)."""
+        revision = self._remote.revision(self.vn)
+        if revision <= 0:
+            return None
+        try:
+            snapshot, _ = await self._list(prefix, revision)
+        except RevisionCompacted:
+            self._counters["periodic_checks_compacted"] += 1
+            return None
+        return self._remote.differs_from(self.vn, snapshot)
+
     async def _relist(self, prefix: str, periodic: bool = False) -> int:
         """List the VN at one revision and replace what the remote table holds of it.
 
         A compaction racing with the paging restarts the listing at a fresh revision
-        (a few times at most), as ``EtcdStore.get_prefix`` does.
+        (a few times at most), as ``EtcdStore.get_prefix`` does. ``periodic``: first
+        count what the watch missed (``relist_repairs``), then repair it.
         """
+        if periodic:
+            self._counters["periodic_relists"] += 1
+            missed = await self._missed(prefix)
+            if missed:
+                self._counters["relist_repairs"] += missed
+                _log.warning("VN %s: the remote table missed %d watch events; "
+                             "repaired by the periodic listing", self.vn, missed)
         for attempt in range(1, RELIST_ATTEMPTS + 1):
             try:
                 snapshot, revision = await self._list(prefix)
@@ -356,19 +378,14 @@ class VnFollower:
             except RevisionCompacted:
                 if attempt == RELIST_ATTEMPTS:
                     raise
-        changed = self._remote.load_snapshot(self.vn, snapshot, revision)
-        if periodic:
-            self._counters["periodic_relists"] += 1
-            if changed:
-                # Each one is a watch event that never arrived (or arrived wrong).
-                self._counters["relist_repairs"] += changed
-                _log.warning("VN %s: the periodic listing repaired %d remote entries",
-                             self.vn, changed)
+        self._remote.load_snapshot(self.vn, snapshot, revision)
         self._counters["relists"] += 1
         self._on_change()
         return revision
 
-    async def _list(self, prefix: str) -> tuple[list[tuple[str, RemoteEntry]], int]:
+    async def _list(
+        self, prefix: str, at_revision: int = 0
+    ) -> tuple[list[tuple[str, RemoteEntry]], int]:
         """Decode each page while the next one is being fetched.
 
         The etcd round trips overlap the decoding, and the event loop gets a turn
@@ -378,7 +395,8 @@ class VnFollower:
 
         async def fetch() -> None:
             try:
-                async for page in self._store.iter_prefix(prefix, page_size=RELIST_PAGE):
+                async for page in self._store.iter_prefix(prefix, page_size=RELIST_PAGE,
+                                                          revision=at_revision):
                     await pages.put(page)
             except Exception as exc:  # handed to the consumer, which raises it
                 await pages.put(exc)

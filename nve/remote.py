@@ -146,12 +146,23 @@ class RemoteTable:
                 self.stale_epoch += 1
                 continue
             entries[k] = b if isinstance(b, RemoteEntry) else entry(b)
-        before = remote.entries
-        changed = sum(1 for k, e in entries.items() if before.get(k) != e)
-        changed += sum(1 for k in before if k not in entries)
+        changed = _differences(remote.entries, entries)
         remote.entries = entries
         remote.revision = revision
         return changed
+
+    def differs_from(self, vn: str, items: Sequence[tuple[str, RemoteEntry]]) -> int:
+        """How many entries of ``vn`` differ from ``items``, a listing made at the
+        revision the table says it reflects (``revision(vn)``): each one is an event the
+        watch missed or misapplied. Own and older-incarnation entries are left out, as
+        ``load_snapshot`` leaves them out."""
+        remote = self.vns.get(vn)
+        if remote is None:
+            return 0
+        epochs = self.epochs
+        expected = {k: b for k, b in items
+                    if b.nve != self.nve_id and b.epoch >= epochs.get(b.nve, 0)}
+        return _differences(remote.entries, expected)
 
     def put(self, vn: str, key: str, binding: Binding, revision: int) -> bool:
         remote = self._fresh(vn, revision)
@@ -193,3 +204,9 @@ class RemoteTable:
             return None
         remote.revision = revision
         return remote
+
+
+def _differences(have: dict[str, RemoteEntry], want: dict[str, RemoteEntry]) -> int:
+    """Entries added, removed or different between two views of one VN."""
+    return (sum(1 for k, e in want.items() if have.get(k) != e)
+            + sum(1 for k in have if k not in want))
