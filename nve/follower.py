@@ -279,8 +279,12 @@ class VnFollower:
         on_foreign: Callable[[str, str, str, Binding | RemoteEntry], None] | None = None,
         stages: dict[str, deque[tuple[int, int]]] | None = None,
         relist_s: float = 0.0,
+        on_listed: Callable[[str, list[tuple[str, RemoteEntry]], int], None] | None = None,
     ) -> None:
         self.vn = vn
+        #: Given each periodic listing (own entries included), so the NVE can check its
+        #: own bindings in etcd against what it publishes (``NveService._check_own``).
+        self._on_listed = on_listed
         #: Anti-entropy: list the VN again this often (0: never) while the watch runs,
         #: and count what the listing changed (``relist_repairs``): a watch event that
         #: was missed is repaired within this time, and shows in the counter.
@@ -380,6 +384,8 @@ class VnFollower:
                     raise
         self._remote.load_snapshot(self.vn, snapshot, revision)
         self._counters["relists"] += 1
+        if periodic and self._on_listed is not None:
+            self._on_listed(self.vn, snapshot, revision)
         self._on_change()
         return revision
 

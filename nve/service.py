@@ -409,6 +409,33 @@ class NveService:
         if msg.reply:
             await self._reply(msg, failure or reply)
 
+    def _check_own(self, vn: str, listed: list[tuple[str, RemoteEntry]], revision: int) -> None:
+        """Anti-entropy for our own bindings: etcd must hold exactly what we publish.
+
+        ``listed`` is a periodic listing of ``vn`` at ``revision``. It is only compared
+        when every write of ours is in it (nothing queued or being committed, nothing
+        committed after it); otherwise the next period will. A key we publish that etcd
+        lacks is written again, one of ours we no longer publish is deleted (both
+        compare-and-swap, so a newer holder always wins), and both are counted.
+        """
+        writer = self.writer
+        if writer.depth or writer.busy or writer.last_revision > revision:
+            self.counters["own_checks_skipped"] += 1
+            return
+        prefix = self.layout.map_prefix(vn)
+        me = self.config.nve_id
+        in_etcd = {prefix + entry for entry, e in listed if e.nve == me}
+        wanted = {op.key: op for op in self._execute(self.core.republish())
+                  if op.key.startswith(prefix)}
+        repairs: list[WriteOp] = [op for key, op in wanted.items() if key not in in_etcd]
+        repairs += [WriteDelete(key) for key in in_etcd if key not in wanted]
+        self.counters["own_checks"] += 1
+        if repairs:
+            self.counters["own_repairs"] += len(repairs)
+            _log.warning("NVE %s: VN %s: %d of our bindings in etcd differed from what we "
+                         "publish; repaired", me, vn, len(repairs))
+            self._submit_soon(repairs)
+
     def _lost(self, key: str) -> None:
         parsed = self.layout.parse_map_key(key)
         if parsed is not None:
@@ -456,6 +483,7 @@ class NveService:
         follower = VnFollower(
             vn, self.store, self.layout, self.core.remote, self.counters, self.latencies,
             self._changed.set, self._foreign, self.watch_stages, self.config.relist_s,
+            self._check_own,
         )
         resume_from = 0
         saved = self._warm.pop(vn, None)

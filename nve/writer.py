@@ -120,6 +120,8 @@ class ImaWriter:
     #: (committed_ns, duration_ns) of each batch: planning + etcd round trips (and any
     #: retries), last 10 000; the rest of a request's "commit" stage is queueing.
     batch_times: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=10_000))
+    busy: bool = False  # a batch is being committed
+    last_revision: int = 0  # etcd revision of the newest commit of ours
     _queue: asyncio.Queue[_Pending] = field(init=False)
     _lease_ok: asyncio.Event = field(init=False)
 
@@ -177,7 +179,12 @@ class ImaWriter:
                     merged.pop(op.key, None)  # re-insert so order follows the last write
                     merged[op.key] = op
             started = time.perf_counter_ns()
-            report = await self._retrying(list(merged.values()))
+            self.busy = True
+            try:
+                report = await self._retrying(list(merged.values()))
+            finally:
+                self.busy = False
+            self.last_revision = max(self.last_revision, report.revision)
             self.batch_times.append((time.time_ns(), time.perf_counter_ns() - started))
             clean = WriteReport(report.revision) if not (report.lost or report.frozen) else None
             for item in batch:

@@ -46,3 +46,33 @@ async def test_a_missed_watch_event_is_repaired_by_the_periodic_listing(
 def _knows(cp: Slice, vn: str) -> bool:
     remote = cp.nves["nve1"].core.remote.vns.get(vn)
     return remote is not None and f"mac/{MAC}" in remote.entries
+
+
+async def test_our_own_bindings_in_etcd_are_brought_back_to_what_we_publish(
+    nats_urls: list[str], etcd_endpoints: list[str], key_prefix: str, subject_root: str
+) -> None:
+    """A binding of ours that vanished from etcd is written again; one we do not
+    publish (left behind) is deleted; both counted (``own_repairs``)."""
+    async with running_slice(nats_urls, etcd_endpoints, key_prefix, subject_root,
+                             ("nve1",), announce_s=0.2, relist_s=0.3) as cp:
+        assert cp.client is not None
+        assert cp.store is not None
+        agent: HypervisorAgent = await cp.agent("hv1", "nve1")
+        vnic = str(uuid.uuid4())
+        await agent.connect(vnic, "eth0", BLUE)
+        await agent.associate(vnic, BLUE, (AddressEntry(mac=MAC),))
+        vn = (await cp.client.get(BLUE)).name
+        ours = cp.ep.layout.mac(vn, MAC)
+        stray = cp.ep.layout.mac(vn, "02:00:00:00:ae:99")
+        kv = await cp.store.get(ours)
+        assert kv is not None
+        await cp.store.delete(ours)  # drifted away
+        await cp.store.put(stray, kv.value.replace(MAC.encode(), b"02:00:00:00:ae:99"))
+        nve1 = cp.nves["nve1"]
+        deletes = nve1.counters["ima_deletes"]
+        # The periodic listings wake the wait, so it sees the repairs committed.
+        await cp.wait("nve1", lambda: nve1.counters["own_repairs"] >= 2
+                      and ours in nve1.writer.owned and nve1.counters["ima_deletes"] > deletes)
+        keys = await cp.keys()
+        assert ours in keys
+        assert stray not in keys
