@@ -455,9 +455,10 @@ class Chaos:
         return await self._counter_sum("relists_after_compaction")
 
     async def repairs(self) -> int:
-        """Remote entries the NVEs' periodic listings had to repair (missed watch events);
-        cumulative per NVE process, like ``relists``."""
-        return await self._counter_sum("relist_repairs")
+        """What the NVEs' periodic listings had to repair: remote entries (missed watch
+        events) and own bindings in etcd; cumulative per NVE process, like ``relists``."""
+        return (await self._counter_sum("relist_repairs")
+                + await self._counter_sum("own_repairs"))
 
     async def _counter_sum(self, name: str) -> int:
         total = 0
@@ -527,8 +528,9 @@ async def run_chaos(
                 results.append(result)
                 bar.echo(_row(result), file=out)
                 if result.repairs:
-                    bar.echo(f"      periodic listings repaired {result.repairs} remote "
-                             "entries so far (missed watch events)", file=out)
+                    bar.echo(f"      periodic listings repaired {result.repairs} entries "
+                             "so far (missed watch events, own bindings out of step)",
+                             file=out)
                 if result.refusals:
                     bar.echo("      refused: " + ", ".join(
                         f"{code} {n}" for code, n in result.refusals.items()), file=out)
