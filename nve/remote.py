@@ -122,15 +122,14 @@ class RemoteTable:
 
     def load_snapshot(
         self, vn: str, items: Sequence[tuple[str, Binding | RemoteEntry]], revision: int
-    ) -> int:
-        """Replace what we know of ``vn`` by a listing made at ``revision``; returns how
-        many entries that changed (added, removed or different).
+    ) -> None:
+        """Replace what we know of ``vn`` by a listing made at ``revision``.
 
         ``items`` may already be entries (the follower converts page by page, so a
         cold sync never holds a million binding models at once)."""
         remote = self.vns.get(vn)
         if remote is None:
-            return 0
+            return
         newest: dict[str, int] = {}
         for _, b in items:
             if b.epoch > newest.get(b.nve, 0):
@@ -146,10 +145,8 @@ class RemoteTable:
                 self.stale_epoch += 1
                 continue
             entries[k] = b if isinstance(b, RemoteEntry) else entry(b)
-        changed = _differences(remote.entries, entries)
         remote.entries = entries
         remote.revision = revision
-        return changed
 
     def differs_from(self, vn: str, items: Sequence[tuple[str, RemoteEntry]]) -> int:
         """How many entries of ``vn`` differ from ``items``, a listing made at the
