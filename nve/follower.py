@@ -347,7 +347,7 @@ class VnFollower:
             return None
         return self.relist_s * random.uniform(0.8, 1.2)
 
-    async def _missed(self, prefix: str) -> int | None:
+    async def _missed(self, prefix: str) -> list[str] | None:
         """Entries the remote table has wrong: it is compared with a listing at the
         revision it says it reflects, so events merely not delivered yet do not count.
         None if that revision is already compacted (nothing to compare with)."""
@@ -355,7 +355,9 @@ class VnFollower:
         if revision <= 0:
             return None
         try:
-            snapshot, _ = await self._list(prefix, revision)
+            # Only compared: the holders it shows are history, not news (``on_foreign``
+            # on them would take an address from a VNIC that has since moved back here).
+            snapshot, _ = await self._list(prefix, revision, compare_only=True)
         except RevisionCompacted:
             self._counters["periodic_checks_compacted"] += 1
             return None
@@ -372,9 +374,10 @@ class VnFollower:
             self._counters["periodic_relists"] += 1
             missed = await self._missed(prefix)
             if missed:
-                self._counters["relist_repairs"] += missed
-                _log.warning("VN %s: the remote table missed %d watch events; "
-                             "repaired by the periodic listing", self.vn, missed)
+                self._counters["relist_repairs"] += len(missed)
+                _log.warning("VN %s: the remote table missed %d watch events up to revision "
+                             "%d; repaired by the periodic listing: %s", self.vn, len(missed),
+                             self._remote.revision(self.vn), "; ".join(missed[:8]))
         for attempt in range(1, RELIST_ATTEMPTS + 1):
             try:
                 snapshot, revision = await self._list(prefix)
@@ -390,7 +393,7 @@ class VnFollower:
         return revision
 
     async def _list(
-        self, prefix: str, at_revision: int = 0
+        self, prefix: str, at_revision: int = 0, compare_only: bool = False
     ) -> tuple[list[tuple[str, RemoteEntry]], int]:
         """Decode each page while the next one is being fetched.
 
@@ -417,15 +420,18 @@ class VnFollower:
                 if isinstance(page, BaseException):
                     raise page
                 revision = page.revision
-                self._decode_page(page.kvs, snapshot)
+                self._decode_page(page.kvs, snapshot, compare_only)
         finally:
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await producer
         return snapshot, revision
 
-    def _decode_page(self, kvs: list[KeyValue], snapshot: list[tuple[str, RemoteEntry]]) -> None:
-        make, on_foreign = self._remote.make, self._on_foreign
+    def _decode_page(
+        self, kvs: list[KeyValue], snapshot: list[tuple[str, RemoteEntry]],
+        compare_only: bool = False,
+    ) -> None:
+        make, on_foreign = self._remote.make, None if compare_only else self._on_foreign
         for kv in kvs:
             parsed = self._layout.parse_map_key(kv.key)
             if parsed is None:

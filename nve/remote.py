@@ -148,14 +148,14 @@ class RemoteTable:
         remote.entries = entries
         remote.revision = revision
 
-    def differs_from(self, vn: str, items: Sequence[tuple[str, RemoteEntry]]) -> int:
-        """How many entries of ``vn`` differ from ``items``, a listing made at the
+    def differs_from(self, vn: str, items: Sequence[tuple[str, RemoteEntry]]) -> list[str]:
+        """The entries of ``vn`` that differ from ``items``, a listing made at the
         revision the table says it reflects (``revision(vn)``): each one is an event the
         watch missed or misapplied. Own and older-incarnation entries are left out, as
         ``load_snapshot`` leaves them out."""
         remote = self.vns.get(vn)
         if remote is None:
-            return 0
+            return []
         epochs = self.epochs
         expected = {k: b for k, b in items
                     if b.nve != self.nve_id and b.epoch >= epochs.get(b.nve, 0)}
@@ -203,7 +203,12 @@ class RemoteTable:
         return remote
 
 
-def _differences(have: dict[str, RemoteEntry], want: dict[str, RemoteEntry]) -> int:
-    """Entries added, removed or different between two views of one VN."""
-    return (sum(1 for k, e in want.items() if have.get(k) != e)
-            + sum(1 for k in have if k not in want))
+def _differences(have: dict[str, RemoteEntry], want: dict[str, RemoteEntry]) -> list[str]:
+    """Entries added, removed or different between two views of one VN, each as
+    "key: what we have -> what the listing has" (``-`` for none)."""
+    def show(e: RemoteEntry | None) -> str:
+        return "-" if e is None else f"{e.nve}@{e.epoch}"
+
+    return ([f"{k}: {show(have.get(k))} -> {show(e)}" for k, e in want.items()
+             if have.get(k) != e]
+            + [f"{k}: {show(e)} -> -" for k, e in have.items() if k not in want])

@@ -424,7 +424,7 @@ class NveService:
             return
         prefix = self.layout.map_prefix(vn)
         me = self.config.nve_id
-        in_etcd = {prefix + entry for entry, e in listed if e.nve == me}
+        in_etcd = {prefix + entry: e for entry, e in listed if e.nve == me}
         wanted = {op.key: op for op in self._execute(self.core.republish())
                   if op.key.startswith(prefix)}
         repairs: list[WriteOp] = [op for key, op in wanted.items() if key not in in_etcd]
@@ -432,8 +432,13 @@ class NveService:
         self.counters["own_checks"] += 1
         if repairs:
             self.counters["own_repairs"] += len(repairs)
+            # Each key, so a post-mortem can follow it through etcd's history.
+            shown = [f"{op.key} missing" if op.key in wanted else
+                     f"{op.key} stray (epoch {in_etcd[op.key].epoch}, ours {self.epoch})"
+                     for op in repairs[:8]]
             _log.warning("NVE %s: VN %s: %d of our bindings in etcd differed from what we "
-                         "publish; repaired", me, vn, len(repairs))
+                         "publish at revision %d; repaired: %s", me, vn, len(repairs),
+                         revision, "; ".join(shown))
             self._submit_soon(repairs)
 
     def _lost(self, key: str) -> None:

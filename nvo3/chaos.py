@@ -46,7 +46,7 @@ from agents.service import AgentService
 from ima.client import ImaClient
 from ima.service import ImaService
 from ima.store import StoreError
-from nvo3.check import gather_and_check
+from nvo3.check import Gathered, check_gathered, gather
 from nvo3.connect import Endpoints, connect_nats, open_store
 from nvo3.progress import Progress
 from nvo3.security import ROLE_IMA, ROLE_OP, ROLE_ROOT, SecureSpec, hv_identity
@@ -174,6 +174,7 @@ class Chaos:
         self.tally: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()  # this round's refusals by error code
         self.check_error = ""  # why the checker last failed to gather, for the report
+        self.gathered: Gathered | None = None  # what the last check compared
         self.nc: Any = None  # the operator's and the checker's NATS connection
         self.store: Any = None  # the checker's etcd client (read-only when secured)
         self.admin: Any = None  # the harness's compactions (etcd root when secured)
@@ -432,10 +433,12 @@ class Chaos:
     async def quiesce(self, limit: float) -> tuple[Any, float]:
         start = time.monotonic()
         report = None
+        self.gathered = None
         while time.monotonic() - start < limit:
             try:
-                report = await gather_and_check(self.nc, self.store, self.ep,
-                                                sorted(self.agents), request_timeout=2)
+                self.gathered = await gather(self.nc, self.store, self.ep,
+                                             sorted(self.agents), request_timeout=2)
+                report = check_gathered(self.gathered, self.ep.layout)
             except Exception as exc:
                 report = None
                 self.check_error = f"{type(exc).__name__}: {exc}"[:300]
@@ -443,6 +446,16 @@ class Chaos:
                 break
             await asyncio.sleep(0.25)
         return report, time.monotonic() - start
+
+    def _post_mortem(self, index: int, report: Any) -> str:
+        """Everything the failed check compared, with every difference, into the log
+        directory (the printed table shows only the first few); returns the path."""
+        path = os.path.join(self.log_dir, f"round-{index}.json")
+        doc = {"differences": None if report is None else report.as_dict()["differences"],
+               "checked": None if self.gathered is None else self.gathered.as_dict()}
+        with open(path, "wb") as fh:
+            fh.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+        return path
 
     def _dead_tasks(self) -> list[str]:
         out = []
@@ -479,7 +492,11 @@ class Chaos:
         diffs: list[str] = [f"checker could not run ({self.check_error})"]
         if report is not None:
             lost, stale, wrong = len(report.lost), len(report.stale), len(report.wrong_vni)
-            diffs = (report.lost + report.stale + report.wrong_vni)[:10]
+            diffs = ([f"lost {d}" for d in report.lost] + [f"stale {d}" for d in report.stale]
+                     + [f"wrong-VNI {d}" for d in report.wrong_vni])[:10]
+        if report is None or not report.ok:
+            diffs.append(f"all differences and what was compared: "
+                         f"{self._post_mortem(index, report)}")
         # A process or in-process service that died on its own (not by an injected
         # fault) says why, first: an agent sidecar that stopped answering otherwise
         # only shows as "checker could not run".

@@ -71,8 +71,11 @@ async def test_our_own_bindings_in_etcd_are_brought_back_to_what_we_publish(
         nve1 = cp.nves["nve1"]
         deletes = nve1.counters["ima_deletes"]
         # The periodic listings wake the wait, so it sees the repairs committed.
+        # ``owned`` still has the key at its first revision (the delete bypassed the
+        # NVE): only a newer revision there says the put-back was committed.
         await cp.wait("nve1", lambda: nve1.counters["own_repairs"] >= 2
-                      and ours in nve1.writer.owned and nve1.counters["ima_deletes"] > deletes)
+                      and nve1.writer.owned.get(ours, 0) > kv.mod_revision
+                      and nve1.counters["ima_deletes"] > deletes)
         keys = await cp.keys()
         assert ours in keys
         assert stray not in keys
