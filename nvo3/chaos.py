@@ -48,6 +48,7 @@ from ima.service import ImaService
 from ima.store import StoreError
 from nvo3.check import Gathered, check_gathered, gather
 from nvo3.connect import Endpoints, connect_nats, open_store
+from nvo3.etcd_members import divergence, read_member
 from nvo3.progress import Progress
 from nvo3.security import ROLE_IMA, ROLE_OP, ROLE_ROOT, SecureSpec, hv_identity
 from nvo3.servers import LocalServers
@@ -87,6 +88,9 @@ class RoundResult:
     differences: list[str] = field(default_factory=list)
     refusals: dict[str, int] = field(default_factory=dict)  # error code -> count
     repairs: int = 0  # remote entries repaired by periodic listings so far (cumulative)
+    #: What the etcd members disagree on after quiescence (``nvo3.etcd_members``): empty
+    #: when they agree. A divergence is etcd's fault, and no client can converge on it.
+    etcd_divergence: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -457,6 +461,26 @@ class Chaos:
             fh.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
         return path
 
+    async def etcd_divergence(self) -> list[str]:
+        """What the etcd members disagree on (empty: nothing), each read on its own.
+
+        Read a few times while they report different revisions: a follower may still
+        be applying the last entries (lease keepalives write nothing, so a quiesced
+        cluster stops moving)."""
+        assert self.servers.etcd is not None
+        flags = ([] if self.ep.credentials is None
+                 else self.ep.credentials.etcdctl_flags(ROLE_OP))
+        found: list[str] = []
+        for _ in range(10):
+            views = [await asyncio.to_thread(read_member, m.name, m.client_url,
+                                             self.ep.key_root, flags)
+                     for m in self.servers.etcd.members]
+            found = divergence(views)
+            if not any(" is at revision " in line for line in found):
+                break
+            await asyncio.sleep(0.3)
+        return found
+
     def _dead_tasks(self) -> list[str]:
         out = []
         for name, task in self.tasks.items():
@@ -502,12 +526,14 @@ class Chaos:
         # only shows as "checker could not run".
         diffs[:0] = [*(why for why in (p.died() for p in self.nves.values()) if why),
                      *self._dead_tasks()]
+        split = await self.etcd_divergence()
+        diffs[:0] = split
         t = self.tally
         return RoundResult(index, fault, t["events"], t["refused"], t["unreachable"],
                            lost, stale, wrong,
                            None if cleanup is None else round(cleanup, 2), round(converge, 2),
                            await self.relists(), diffs, dict(sorted(self.refusals.items())),
-                           await self.repairs())
+                           await self.repairs(), split)
 
 
 HEADER = (f"{'round':>5} {'fault':<17} {'events':>6} {'refused':>7} {'unreach':>7} "
@@ -551,7 +577,8 @@ async def run_chaos(
                 if result.refusals:
                     bar.echo("      refused: " + ", ".join(
                         f"{code} {n}" for code, n in result.refusals.items()), file=out)
-                for diff in result.differences if not result.ok else ():
+                for diff in (result.differences if not result.ok
+                             else result.etcd_divergence):
                     bar.echo("      " + diff, file=out)
                 bar.advance()
     finally:
