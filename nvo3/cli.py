@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated fault kinds to inject (default: all)")
     chaos.add_argument("--secured", action="store_true",
                        help="on a secured stack: TLS, one NKey identity per process, etcd RBAC")
+    chaos.add_argument("--etcd-sigkill", action="store_true",
+                       help="kill etcd members with SIGKILL even on a version known to "
+                            "diverge after one (etcd 3.5.0-3.5.5; see docs/reliability.md)")
 
     schema = sub.add_parser("schema", help="JSON Schema of every message and record")
     schema.add_argument("action", choices=("export",))
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
             faults = [f for f in args.faults.split(",") if f] or list(chaos.FAULTS)
             return chaos.main(args.rounds, args.seed, args.json_path, faults=faults,
-                              secured=args.secured)
+                              secured=args.secured, etcd_sigkill=args.etcd_sigkill)
         if args.command == "placement":
             return _run_async(lambda: operator_commands.placement_command(args), OP_S)
         if args.command == "check":

@@ -25,6 +25,9 @@ def _short_run(*, secured: bool) -> tuple[str, list[list[str]]]:
     text = out.getvalue()
     assert rc == 0, text
     assert f"{len(chaos.FAULTS)} rounds, 0 with lost/stale/wrong-VNI" in text
+    # How etcd members die is said, by version (SIGTERM on one that kill -9 corrupts).
+    assert text.splitlines()[1].startswith("chaos: etcd 3."), text
+    assert "diverged" not in text, text  # every round, the members agreed
     rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
     assert {row[1] for row in rows} == set(chaos.FAULTS), text
     pause = next(row for row in rows if row[1] == "nve_pause")
