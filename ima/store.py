@@ -507,6 +507,11 @@ async def _resolve(endpoints: Sequence[str]) -> tuple[list[str], str | None]:
 # --------------------------------------------------------------------------- watch
 
 
+#: Stream errors after which a watch resumes from its progress revision by itself.
+_STREAM_BREAKS = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+BROKEN_STREAMS_MAX = 8
+
+
 class PrefixWatch:
     """Async iterator of event batches under a prefix, starting at a given revision.
 
@@ -530,6 +535,8 @@ class PrefixWatch:
         self.progress_revision = start_revision - 1 if start_revision > 0 else -1
         #: How many times a stream was (re)started; for tests and metrics.
         self.streams_started = 0
+        #: Streams broken by the server since one was last created (``_next``).
+        self.broken_streams = 0
         self._gen: AsyncGenerator[list[WatchEvent], None] | None = None
 
     def __aiter__(self) -> Self:
@@ -574,6 +581,7 @@ class PrefixWatch:
                             break
                         created = True
                         backoff = 0.0
+                        self.broken_streams = 0
                         if self.progress_revision < 0:
                             # Started "from now": the creation header is the baseline.
                             self.progress_revision = int(resp.header.revision)
@@ -611,10 +619,28 @@ class PrefixWatch:
         return stream
 
     async def _next(self, responses: AsyncGenerator[Any, None]) -> Any | None:
-        # etcd3aio retries transient stream errors itself (forever, with backoff); what
-        # reaches us is final, e.g. the channel was closed.
-        with _mapped(f"watch {self.prefix!r}"):
-            return await anext(responses, None)
+        """The next response; None when the stream ended.
+
+        etcd3aio retries UNAVAILABLE itself (resuming from a header revision, which
+        ``_run`` replaces). A stream the server tore down (INTERNAL: a member stopping
+        with SIGTERM resets its streams) also just ends here: ``_run`` opens a new one
+        from ``progress_revision + 1``, which is gap-free, where a re-list by the caller
+        would cost a full listing of the prefix. After ``BROKEN_STREAMS_MAX`` such
+        breaks with no stream created in between, the error reaches the caller.
+        """
+        try:
+            with _mapped(f"watch {self.prefix!r}"):
+                return await anext(responses, None)
+        except StoreError as exc:
+            rpc = _grpc_error(exc)
+            if rpc is None or rpc.code() not in _STREAM_BREAKS:
+                raise
+            self.broken_streams += 1
+            if self.broken_streams > BROKEN_STREAMS_MAX:
+                raise
+            _log.info("watch %r: stream broken (%s); resuming from %d", self.prefix,
+                      rpc.code().name, self.progress_revision + 1)
+            return None
 
     @staticmethod
     def _event(ev: Any) -> WatchEvent:
