@@ -788,6 +788,15 @@ class EtcdStore:
         )
         return _kv(resp.kvs[0]) if resp.kvs else None
 
+    async def server_version(self) -> str:
+        """The etcd version of the member this client talks to, e.g. "3.5.1"."""
+        maintenance = self.client.maintenance
+        if maintenance is None:
+            raise StoreError("store is not connected")
+        resp = await self._call("status", lambda t: maintenance.status(timeout=t),
+                                idempotent=True)
+        return str(resp.version)
+
     async def current_revision(self) -> int:
         resp = await self._call(
             "current revision",

@@ -49,9 +49,10 @@ from ima.store import StoreError
 from nvo3.check import Gathered, check_gathered, gather
 from nvo3.connect import Endpoints, connect_nats, open_store
 from nvo3.etcd_members import divergence, read_member
+from nvo3.etcd_versions import kill9_corrupts
 from nvo3.progress import Progress
 from nvo3.security import ROLE_IMA, ROLE_OP, ROLE_ROOT, SecureSpec, hv_identity
-from nvo3.servers import EtcdServer, LocalServers, kill9_corrupts
+from nvo3.servers import EtcdServer, LocalServers
 from schemas.messages import AddressEntry, VnRef
 
 LEASE_TTL = 2

@@ -30,6 +30,7 @@ from nats.aio.client import Client as Nats
 
 from ima.keys import DEFAULT_ROOT, KeyLayout
 from ima.store import EtcdStore, StoreError, TlsConfig
+from nvo3.etcd_versions import etcd_version, kill9_corrupts
 from nvo3.security import Credentials, Identity
 from schemas.subjects import DEFAULT_SUBJECT_ROOT, Subjects
 
@@ -315,4 +316,27 @@ async def open_store(
             raise
         where = ",".join(endpoints)
         raise ConnectError("etcd", _is_refusal(exc), [(where, exc)]) from exc
+    if persistent:
+        await warn_if_unsafe_etcd(store)
     return store
+
+
+async def warn_if_unsafe_etcd(store: EtcdStore) -> bool:
+    """Log a warning if etcd is a version that kill -9 can leave inconsistent.
+
+    A member of etcd 3.5.0-3.5.5 that crashes under load may come back holding other
+    data than its peers (etcd-io/etcd#13766 and later fixes; 3.5.6 is etcd's
+    recommended minimum). No client can converge on such a cluster: reads and
+    compare-and-swap answers then depend on the member asked. Best effort: a member
+    that does not say is not warned about. True if the warning was logged.
+    """
+    try:
+        raw = await store.server_version()
+    except StoreError:
+        return False
+    if not kill9_corrupts(etcd_version(raw)):
+        return False
+    _log.warning("etcd %s: a member killed under load can diverge from its peers "
+                 "(etcd-io/etcd#13766); run etcd 3.5.6 or later in production "
+                 "(docs/operations.md)", raw)
+    return True

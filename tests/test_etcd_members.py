@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from ima.store import EtcdStore
 from nvo3.connect import open_store
 from nvo3.etcd_members import MemberView, divergence, read_member
+from nvo3.etcd_versions import etcd_version, kill9_corrupts
 
 
 def test_members_at_one_revision_with_the_same_keys_agree() -> None:
@@ -50,3 +54,31 @@ def test_a_real_member_is_read_with_its_keys_and_revision(
     assert view.error == ""
     assert view.revision >= revision
     assert sorted(view.keys) == [f"{key_prefix}a", f"{key_prefix}b"]
+
+
+def test_etcd_versions_that_kill_9_can_corrupt_are_known() -> None:
+    assert etcd_version("3.5.1") == (3, 5, 1)
+    assert etcd_version("v3.4.23") == (3, 4, 23)
+    assert etcd_version("nonsense") is None
+    assert kill9_corrupts((3, 5, 1))
+    assert kill9_corrupts((3, 5, 5))
+    assert not kill9_corrupts((3, 5, 6))
+    assert not kill9_corrupts((3, 4, 23))
+    assert not kill9_corrupts(None)
+
+
+def test_a_long_running_service_is_warned_about_such_an_etcd(
+    etcd_endpoints: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bundled etcd (3.5.1) is one: every service says so once, at connect."""
+    async def connect() -> str:
+        store = await open_store(etcd_endpoints)
+        try:
+            return await store.server_version()
+        finally:
+            await store.close()
+
+    with caplog.at_level(logging.WARNING, logger="nvo3.connect"):
+        version = asyncio.run(connect())
+    warned = any("etcd-io/etcd#13766" in r.getMessage() for r in caplog.records)
+    assert warned == kill9_corrupts(etcd_version(version))
