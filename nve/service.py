@@ -430,16 +430,40 @@ class NveService:
         repairs: list[WriteOp] = [op for key, op in wanted.items() if key not in in_etcd]
         repairs += [WriteDelete(key) for key in in_etcd if key not in wanted]
         self.counters["own_checks"] += 1
-        if repairs:
-            self.counters["own_repairs"] += len(repairs)
+        if repairs and self._tg is not None:
             # Each key, so a post-mortem can follow it through etcd's history.
             shown = [f"{op.key} missing" if op.key in wanted else
                      f"{op.key} stray (epoch {in_etcd[op.key].epoch}, ours {self.epoch})"
                      for op in repairs[:8]]
-            _log.warning("NVE %s: VN %s: %d of our bindings in etcd differed from what we "
-                         "publish at revision %d; repaired: %s", me, vn, len(repairs),
-                         revision, "; ".join(shown))
-            self._submit_soon(repairs)
+            self._tg.create_task(self._repair_own(vn, repairs, revision, "; ".join(shown)))
+
+    async def _repair_own(self, vn: str, repairs: list[WriteOp], revision: int,
+                          shown: str) -> None:
+        """Write the repairs, unless our lease is gone: after a pause past the TTL the
+        listing misses every binding of ours because etcd expired them with the lease,
+        and the lease-loss path (``_hold_lease``) republishes them all. Counting those
+        as repairs would bury the real drifts this check is for."""
+        lease = self.lease_id
+        try:
+            alive = await self.store.keepalive_once(lease) > 0
+        except StoreError:
+            alive = False  # cannot tell: the next period checks again
+        if not alive or lease != self.lease_id:
+            self.counters["own_checks_lease_gone"] += 1
+            return
+        # Requests applied meanwhile may have changed what we publish (their writes are
+        # queued already): keep only the repairs that still hold.
+        prefix = self.layout.map_prefix(vn)
+        wanted = {op.key for op in self._execute(self.core.republish())
+                  if op.key.startswith(prefix)}
+        repairs = [op for op in repairs if (op.key in wanted) != isinstance(op, WriteDelete)]
+        if not repairs:
+            return
+        self.counters["own_repairs"] += len(repairs)
+        _log.warning("NVE %s: VN %s: %d of our bindings in etcd differed from what we "
+                     "publish at revision %d; repaired: %s", self.config.nve_id, vn,
+                     len(repairs), revision, shown)
+        await self.writer.submit(repairs)
 
     def _lost(self, key: str) -> None:
         parsed = self.layout.parse_map_key(key)

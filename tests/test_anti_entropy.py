@@ -79,3 +79,29 @@ async def test_our_own_bindings_in_etcd_are_brought_back_to_what_we_publish(
         keys = await cp.keys()
         assert ours in keys
         assert stray not in keys
+
+
+async def test_bindings_gone_with_our_lease_are_not_counted_as_drift(
+    nats_urls: list[str], etcd_endpoints: list[str], key_prefix: str, subject_root: str
+) -> None:
+    """After a lease loss every binding of ours is missing from the listing; the
+    lease-loss path republishes them all, so the own-binding check must not also
+    "repair" and count them (``own_repairs`` is for drifts nothing else explains)."""
+    async with running_slice(nats_urls, etcd_endpoints, key_prefix, subject_root,
+                             ("nve1",), announce_s=0.2, relist_s=0.2, lease_ttl=5) as cp:
+        assert cp.store is not None
+        agent: HypervisorAgent = await cp.agent("hv1", "nve1")
+        vnic = str(uuid.uuid4())
+        await agent.connect(vnic, "eth0", BLUE)
+        await agent.associate(vnic, BLUE, tuple(AddressEntry(mac=f"02:00:00:00:af:{i:02x}")
+                                                for i in range(1, 9)))
+        nve1 = cp.nves["nve1"]
+        await cp.wait("nve1", lambda: nve1.counters["own_checks"] >= 2)
+        assert nve1.counters["own_repairs"] == 0
+        await cp.store.revoke_lease(nve1.lease_id)  # etcd drops every binding of ours
+        checks = nve1.counters["own_checks"]
+        # Until the keepalive notices (up to a third of the TTL), checks see them missing.
+        await cp.wait("nve1", lambda: nve1.counters["lease_lost"] >= 1
+                      and nve1.counters["own_checks"] >= checks + 3)
+        assert nve1.counters["own_repairs"] == 0
+        assert nve1.counters["own_checks_lease_gone"] >= 1
