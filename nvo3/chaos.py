@@ -497,11 +497,11 @@ class Chaos:
         flags = ([] if self.ep.credentials is None
                  else self.ep.credentials.etcdctl_flags(ROLE_OP))
         found: list[str] = []
-        for _ in range(10):
+        for attempt in range(10):
             views = [await asyncio.to_thread(read_member, m.name, m.client_url,
                                              self.ep.key_root, flags)
                      for m in self.servers.etcd.members]
-            found = divergence(views)
+            found = divergence(views, settled=attempt == 9)
             if not any(" is at revision " in line for line in found):
                 break
             await asyncio.sleep(0.3)

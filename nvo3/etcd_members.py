@@ -50,19 +50,27 @@ def read_member(name: str, url: str, prefix: str, flags: Sequence[str] = (),
     return MemberView(name, int(doc["header"]["revision"]), keys)
 
 
-def divergence(views: Sequence[MemberView], show: int = 5) -> list[str]:
+def divergence(views: Sequence[MemberView], show: int = 5, settled: bool = False) -> list[str]:
     """What the members disagree on, one line each (empty: they agree).
 
-    Only meaningful when they report the same revision (nothing written between the
-    reads); a member that lags is reported as such.
+    Keys are compared when the members report the same revision (nothing written
+    between the reads). A member at another revision is reported as lagging, or, when
+    ``settled`` (the caller waited and nothing is being written), as diverged: a member
+    that skipped an entry stays one revision behind its peers for good, with every
+    later revision naming another write than on its peers (etcd-io/etcd#13766).
     """
     answered = [v for v in views if not v.error]
     unread = [f"etcd member {v.name} could not be read: {v.error}" for v in views if v.error]
     if len(answered) < 2:
         return unread
     newest = max(v.revision for v in answered)
-    out = unread + [f"etcd member {v.name} is at revision {v.revision}, another at {newest}"
+    state = "diverged: member {} stays at revision {}" if settled else \
+        "etcd member {} is at revision {}"
+    out = unread + [state.format(v.name, v.revision) + f", another at {newest}"
                     for v in answered if v.revision != newest]
+    if settled:
+        out = [line if line.startswith("etcd member") else "etcd members " + line
+               for line in out]
     if len(out) > len(unread):
         return out
     reference = answered[0]

@@ -82,3 +82,10 @@ def test_a_long_running_service_is_warned_about_such_an_etcd(
         version = asyncio.run(connect())
     warned = any("etcd-io/etcd#13766" in r.getMessage() for r in caplog.records)
     assert warned == kill9_corrupts(etcd_version(version))
+
+
+def test_a_member_that_stays_behind_once_writes_stopped_has_diverged() -> None:
+    """A member that skipped an entry is one revision behind for good."""
+    found = divergence([MemberView("m1", 9, {"/p/a": 9}), MemberView("m2", 8, {"/p/a": 8})],
+                       settled=True)
+    assert found == ["etcd members diverged: member m2 stays at revision 8, another at 9"]
