@@ -52,6 +52,13 @@ def watch_gc(counters: Counter[str], freeze: bool | None = None
     and makes full collections rarer (``settle_heap``).  Returns the registered callback
     (``gc.callbacks.remove`` undoes the counting)."""
     started = [0]
+    # Every key exists before the first collection. The callback runs wherever a
+    # collection starts, which may be in the middle of code iterating ``counters``
+    # (``NveService.snapshot`` sorting them): adding a key there raised "dictionary
+    # changed size during iteration" and took the NVE down (chaos, nve_restart).
+    for gen in range(3):
+        for name in ("gc_collections", "gc_pause_us_total", "gc_pause_us_max"):
+            counters[f"{name}.gen{gen}"] += 0
 
     def callback(phase: str, info: dict[str, Any]) -> None:
         if phase == "start":

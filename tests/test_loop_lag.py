@@ -152,3 +152,19 @@ def test_nve_process_gc_settles_its_startup_heap() -> None:
     ).stdout.split()
     assert default[0] == "0"
     assert int(default[2]) == 10
+
+
+def test_counting_collections_never_adds_a_counter_after_it_starts() -> None:
+    """The GC callback runs wherever a collection starts, also inside code iterating the
+    counters (``NveService.snapshot``); a key added there raised "dictionary changed size
+    during iteration" and killed an NVE in a chaos run. Every key exists up front."""
+    counters: Counter[str] = Counter()
+    callback = watch_gc(counters, freeze=False)
+    try:
+        keys = set(counters)
+        for generation in (0, 1, 2):
+            gc.collect(generation)
+        assert set(counters) == keys
+        assert counters["gc_collections.gen2"] >= 1
+    finally:
+        gc.callbacks.remove(callback)
