@@ -321,6 +321,9 @@ async def open_store(
     return store
 
 
+_warned_versions: set[str] = set()
+
+
 async def warn_if_unsafe_etcd(store: EtcdStore) -> bool:
     """Log a warning if etcd is a version that kill -9 can leave inconsistent.
 
@@ -328,14 +331,16 @@ async def warn_if_unsafe_etcd(store: EtcdStore) -> bool:
     data than its peers (etcd-io/etcd#13766 and later fixes; 3.5.6 is etcd's
     recommended minimum). No client can converge on such a cluster: reads and
     compare-and-swap answers then depend on the member asked. Best effort: a member
-    that does not say is not warned about. True if the warning was logged.
+    that does not say is not warned about. True if the warning was logged (once per
+    process and version).
     """
     try:
         raw = await store.server_version()
     except StoreError:
         return False
-    if not kill9_corrupts(etcd_version(raw)):
+    if not kill9_corrupts(etcd_version(raw)) or raw in _warned_versions:
         return False
+    _warned_versions.add(raw)  # once per process, not per connection
     _log.warning("etcd %s: a member killed under load can diverge from its peers "
                  "(etcd-io/etcd#13766); run etcd 3.5.6 or later in production "
                  "(docs/operations.md)", raw)
