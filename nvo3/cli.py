@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check", help="compare agents' intent with NVE tables and the IMA")
     _endpoint_args(chk)
     chk.add_argument("--agents", help="hypervisor ids to ask besides those the NVEs know")
+    chk.add_argument("--members", action="store_true",
+                     help="also read every etcd endpoint on its own and report what the "
+                          "members disagree on (needs etcdctl; exit 1 if they do)")
     chk.add_argument("--json", action="store_true")
 
     bench = sub.add_parser("bench", help="measure floors and the system on embedded servers")

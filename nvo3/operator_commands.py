@@ -7,14 +7,18 @@ code (``nvo3.cli`` documents them).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from nvo3.exit_codes import EXIT_OK, EXIT_REFUSED
+
+if TYPE_CHECKING:
+    from nvo3.connect import Endpoints
 
 
 def endpoints(args: argparse.Namespace) -> Any:
@@ -165,8 +169,12 @@ async def check_command(args: argparse.Namespace) -> int:
             report = await gather_and_check(nc, store, ep, agents)
         finally:
             await store.close()
+    members = await _members_disagree(ep) if args.members else None
     if args.json:
-        print_json(report.as_dict())
+        doc = report.as_dict()
+        if members is not None:
+            doc["etcd_members"] = members
+        print_json(doc)
     else:
         print(f"lost={len(report.lost)} stale={len(report.stale)} "
               f"wrong_vni={len(report.wrong_vni)}")
@@ -176,4 +184,28 @@ async def check_command(args: argparse.Namespace) -> int:
             print("  stale " + line)
         for line in report.wrong_vni:
             print("  vni   " + line)
-    return EXIT_OK if report.ok else EXIT_REFUSED
+        if members is not None:
+            print(f"etcd members: {len(ep.etcd)} read one by one, "
+                  + ("they agree" if not members else f"{len(members)} differences"))
+            for line in members:
+                print("  etcd  " + line)
+    return EXIT_OK if report.ok and not members else EXIT_REFUSED
+
+
+async def _members_disagree(ep: Endpoints) -> list[str]:
+    """Every etcd endpoint read on its own (``nvo3.etcd_members``): what they disagree
+    on under the key root. A member at another revision is read again for up to 3 s
+    (it may still be applying); one that stays behind has diverged."""
+    from nvo3.etcd_members import divergence, read_member
+
+    flags = [] if ep.credentials is None else ep.credentials.etcdctl_flags("op")
+    scheme = "http" if ep.credentials is None else "https"
+    found: list[str] = []
+    for attempt in range(10):
+        views = [await asyncio.to_thread(read_member, e, f"{scheme}://{e}", ep.key_root, flags)
+                 for e in ep.etcd]
+        found = divergence(views, settled=attempt == 9)
+        if not any(" is at revision " in line for line in found):
+            return found
+        await asyncio.sleep(0.3)
+    return found

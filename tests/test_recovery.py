@@ -202,6 +202,21 @@ async def test_checker_finds_lost_and_stale(cp: Slice) -> None:
     assert b"lost=1 stale=2 wrong_vni=2" in out
 
 
+async def test_check_members_reads_every_etcd_endpoint_on_its_own(cp: Slice) -> None:
+    """``nvo3 check --members``: the etcd members compared, key by key (one here)."""
+    hv1 = await cp.agent_service("hv1", "nve1")
+    await populate(hv1, "a", 1)
+    await converged(cp, ["hv1"])
+    from tests.test_cli import nvo3
+
+    rc, out, err = await nvo3(cp, "check", "--members", "--json")
+    assert rc == 0, err
+    assert orjson.loads(out)["etcd_members"] == []
+    rc, out, _ = await nvo3(cp, "check", "--members")
+    assert rc == 0
+    assert b"etcd members: 1 read one by one, they agree" in out
+
+
 async def test_lost_lease_is_retaken_and_bindings_republished(cp: Slice) -> None:
     hv1 = await cp.agent_service("hv1", "nve1")
     await populate(hv1, "a", 3)
