@@ -150,6 +150,10 @@ class NveService:
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._warm: dict[str, tuple[int, list[tuple[str, Binding]]]] = {}
         self._tg: asyncio.TaskGroup | None = None
+        #: From a lost lease until the republish is queued (``_hold_lease``): our
+        #: bindings are missing from etcd for a reason the own-binding check must not
+        #: count as drift.
+        self._recovering_lease = False
         #: (sender, seq) -> the commit of its writes, for retransmissions (see handle)
         self._commits: OrderedDict[tuple[str, int], asyncio.Future[WriteReport]] = OrderedDict()
         self.crashed = False  # set by tests to stop like kill -9: no revoke, no state save
@@ -239,11 +243,15 @@ class NveService:
                 self.counters["lease_lost"] += 1
                 _log.error("NVE %s: etcd lease lost; re-registering and republishing",
                            self.config.nve_id)
-                await self._retake_lease()
-                ops = self._execute(self.core.republish())
-                ops.extend(self._attachment(vn) for vn in self._followers)
-                self.counters["ima_ops.republish"] += len(ops)
-                await self.writer.submit(ops)
+                self._recovering_lease = True
+                try:
+                    await self._retake_lease()
+                    ops = self._execute(self.core.republish())
+                    ops.extend(self._attachment(vn) for vn in self._followers)
+                    self.counters["ima_ops.republish"] += len(ops)
+                    await self.writer.submit(ops)
+                finally:
+                    self._recovering_lease = False
                 self._changed.set()
 
     # ------------------------------------------------------------- requests
@@ -419,7 +427,8 @@ class NveService:
         compare-and-swap, so a newer holder always wins), and both are counted.
         """
         writer = self.writer
-        if writer.depth or writer.busy or writer.last_revision > revision:
+        if (writer.depth or writer.busy or writer.last_revision > revision
+                or self._recovering_lease):
             self.counters["own_checks_skipped"] += 1
             return
         prefix = self.layout.map_prefix(vn)
@@ -442,13 +451,15 @@ class NveService:
         """Write the repairs, unless our lease is gone: after a pause past the TTL the
         listing misses every binding of ours because etcd expired them with the lease,
         and the lease-loss path (``_hold_lease``) republishes them all. Counting those
-        as repairs would bury the real drifts this check is for."""
+        as repairs would bury the real drifts this check is for. (A lease already
+        replaced is caught by ``_recovering_lease``: between the new grant and the
+        republish, the new lease is alive and our bindings are still missing.)"""
         lease = self.lease_id
         try:
             alive = await self.store.keepalive_once(lease) > 0
         except StoreError:
             alive = False  # cannot tell: the next period checks again
-        if not alive or lease != self.lease_id:
+        if not alive or lease != self.lease_id or self._recovering_lease:
             self.counters["own_checks_lease_gone"] += 1
             return
         # Requests applied meanwhile may have changed what we publish (their writes are
