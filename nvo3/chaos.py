@@ -209,9 +209,9 @@ class Chaos:
         self.etcd_sigkill = force_sigkill or not kill9_corrupts(self.etcd_version)
         if self.etcd_sigkill:
             return f"etcd {shown}: members are killed with SIGKILL"
-        return (f"etcd {shown}: members are stopped with SIGTERM, not SIGKILL (kill -9 can "
-                f"make a member of this version diverge from its peers, etcd-io/etcd#13766; "
-                f"--etcd-sigkill forces it)")
+        return (f"etcd {shown}: no SIGKILL (kill -9 can make a member of this version "
+                f"diverge from its peers, etcd-io/etcd#13766; --etcd-sigkill forces it): the "
+                f"leader hangs (SIGSTOP) through the churn, then stops with SIGTERM")
 
     async def setup(self) -> None:
         self.nc = await self._nats("chaos", ROLE_OP)
@@ -378,8 +378,18 @@ class Chaos:
             assert self.servers.etcd is not None
             leader = next((m for m in self.servers.etcd.members if m.is_leader()), None)
             if leader is not None:
-                self._crash(leader)
-                await self.churn(3)
+                if self.etcd_sigkill:
+                    leader.kill()
+                    await self.churn(3)
+                else:
+                    # The leader hangs (SIGSTOP) while the agents work: its peers elect
+                    # another after the election timeout, and clients talking to it get
+                    # no answer and fail over, as after a crash. Then a clean stop: a
+                    # kill -9 is what corrupts this etcd (``etcd_sigkill``).
+                    leader.pause()
+                    await self.churn(3)
+                    leader.resume()
+                    await asyncio.to_thread(leader.stop)
                 await asyncio.to_thread(leader.restart)
             return None
         if fault == "nats_kill":
@@ -396,7 +406,8 @@ class Chaos:
         return None
 
     def _crash(self, member: EtcdServer) -> None:
-        """kill -9, unless this etcd is known to corrupt on it (then a clean stop)."""
+        """kill -9, unless this etcd is known to corrupt on it (then a clean stop, which
+        still breaks every stream to the member: ``nve_pause``'s bounce needs no more)."""
         if self.etcd_sigkill:
             member.kill()
         else:
