@@ -369,6 +369,12 @@ def _tls_refused(exc: BaseException) -> bool:
     return "handshake failed" in detail
 
 
+#: Each attempt of a call gets a third of the store's budget, at least this (``_call``).
+ATTEMPT_MIN_S = 1.5
+KEEPALIVE_PING_MS = 6000
+KEEPALIVE_WAIT_MS = 2000
+
+
 def _tune_channel(client: Etcd3Client, max_receive_bytes: int) -> None:
     """Cap gRPC's reconnect backoff (default: 1 s growing to 120 s).
 
@@ -379,8 +385,16 @@ def _tune_channel(client: Etcd3Client, max_receive_bytes: int) -> None:
     manager = getattr(client, "_manager", None)
     options = getattr(manager, "grpc_options", None)
     if isinstance(options, list):
+        # A connection to a member that hangs is only given up by gRPC's keepalive:
+        # etcd3aio pings every 10 s and waits 5 s (15 s of calls routed to a dead end).
+        # Ping every 6 s (etcd refuses pings more often than every 5 s,
+        # --grpc-keepalive-min-time) and wait 2 s.
+        options[:] = [(k, v) for k, v in options
+                      if k not in ("grpc.keepalive_time_ms", "grpc.keepalive_timeout_ms")]
         options.extend(
             [
+                ("grpc.keepalive_time_ms", KEEPALIVE_PING_MS),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_WAIT_MS),
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 2000),
@@ -758,18 +772,29 @@ class EtcdStore:
 
     async def _call(
         self, what: str, call: Callable[[float], Awaitable[_T]], *, idempotent: bool,
-        give_up: Callable[[BaseException], bool] | None = None,
+        give_up: Callable[[BaseException], bool] | None = None, whole_budget: bool = False,
     ) -> _T:
-        """Run ``call(remaining_budget)``, mapping errors and retrying within the budget
-        (``give_up(error)``: do not retry this one)."""
+        """Run ``call(attempt_timeout)``, mapping errors and retrying within the budget
+        (``give_up(error)``: do not retry this one).
+
+        Each attempt gets a third of the budget (at least ``ATTEMPT_MIN_S``), not all of
+        it: a member that hangs (paused, swapping, partitioned without a reset) answers
+        nothing, and gRPC keeps routing to it until its keepalive gives up. With the
+        whole budget on one attempt, every call that landed there failed after 5 s; now
+        it is retried on the next member (round robin) within the budget. Conditional
+        transactions are not retried (their answer may be lost, not their effect); the
+        caller gets ``StoreUnavailable`` sooner. ``whole_budget``: a listing page, which
+        may legitimately take long.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
+        per_attempt = self._timeout if whole_budget else max(ATTEMPT_MIN_S, self._timeout / 3)
         delay = 0.05
         self.counters["calls." + what.split(" ", 1)[0]] += 1
         while True:
             try:
                 with _mapped(what):
-                    return await call(max(deadline - loop.time(), 0.001))
+                    return await call(max(min(deadline - loop.time(), per_attempt), 0.001))
             except StoreUnavailable as exc:
                 if (not (idempotent or _never_sent(exc)) or loop.time() + delay >= deadline
                         or (give_up is not None and give_up(exc))):
@@ -847,7 +872,7 @@ class EtcdStore:
             lambda t: self._kv().get(
                 start, range_end=end, revision=revision, limit=limit, timeout=t
             ),
-            idempotent=True,
+            idempotent=True, whole_budget=True,
         )
 
     async def get_prefix(
