@@ -180,9 +180,9 @@ class Chaos:
         self.refusals: Counter[str] = Counter()  # this round's refusals by error code
         self.check_error = ""  # why the checker last failed to gather, for the report
         self.gathered: Gathered | None = None  # what the last check compared
-        #: How etcd members die: kill -9, or SIGTERM on versions that corrupt under kill -9
-        #: (``nvo3.servers.kill9_corrupts``). The faults are still a leader change and a
-        #: member gone; only the crash-recovery path of a buggy etcd is not exercised.
+        #: How etcd members die: kill -9, or (versions that corrupt under kill -9) a hang
+        #: and a clean stop (``nvo3.etcd_versions.kill9_corrupts``). The faults are still a
+        #: leader change and a member gone; only the crash recovery of a buggy etcd is not.
         self.etcd_version: tuple[int, ...] | None = None
         self.etcd_sigkill = True
         self.nc: Any = None  # the operator's and the checker's NATS connection

@@ -11,7 +11,7 @@ restarted ``--kills`` times. Then the writes stop and two things are compared:
 etcd 3.5.0-3.5.2 can fail both (etcd-io/etcd#13766): a member killed while applying
 may skip an entry for good, and from there every revision of it names another write
 than on its peers. nvo3's chaos run relies on etcd not doing that, which is why it
-stops members of those versions with SIGTERM (docs/reliability.md). Usage:
+does not kill members of those versions with kill -9 (docs/reliability.md). Usage:
 
     python -m nvo3.etcd_kill9 --runs 10 --kills 30 [--signal term]
 """

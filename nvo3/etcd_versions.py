@@ -17,6 +17,7 @@ def kill9_corrupts(version: tuple[int, ...] | None) -> bool:
     """etcd 3.5.0-3.5.5 can leave a member with data that differs from its peers after
     a kill -9 during load: 3.5.0-3.5.2 saved the consistent index apart from the data
     (etcd-io/etcd#13766, fixed in 3.5.3), 3.5.5 had another such bug (3.5.6 is etcd's
-    recommended minimum). The chaos harness stops members of such a version with
-    SIGTERM instead (``nvo3.chaos``); operators should run 3.5.6 or later."""
+    recommended minimum). The chaos harness does not kill members of such a version
+    with kill -9 (``nvo3.chaos``: the leader hangs, then stops cleanly); operators
+    should run 3.5.6 or later."""
     return version is not None and (3, 5, 0) <= version[:3] < (3, 5, 6)
