@@ -290,6 +290,11 @@ def _grpc_error(exc: BaseException) -> grpc.aio.AioRpcError | None:
 #: re-registering.  Which calls may be resent after such an error: see ``_ONCE``.
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.INTERNAL)
+#: gRPC's UNKNOWN with this detail: the connection went away with the call in flight
+#: (seen when a hung etcd member's connection is dropped, chaos `etcd_leader_kill`);
+#: a broken transport like the codes above. Taken for a refusal, it ended the NVE's
+#: writer task, and with it the NVE.
+_NO_STATUS = "No status received"
 
 
 def _raise_mapped(exc: BaseException, what: str) -> NoReturn:
@@ -304,7 +309,8 @@ def _raise_mapped(exc: BaseException, what: str) -> NoReturn:
     rpc = _grpc_error(exc)
     if rpc is not None:
         code, detail = rpc.code(), rpc.details() or ""
-        if code in _TRANSIENT:
+        if code in _TRANSIENT or (code == grpc.StatusCode.UNKNOWN
+                                  and _NO_STATUS in detail):
             raise StoreUnavailable(f"{what}: {code.name} {detail}".rstrip()) from exc
         if "too many operations in txn" in detail or "request is too large" in detail:
             raise TxnTooLarge(f"{what}: {detail}") from exc
