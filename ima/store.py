@@ -288,13 +288,14 @@ def _grpc_error(exc: BaseException) -> grpc.aio.AioRpcError | None:
 #: connection that way ("Internal error from Core", seen on the lease keepalive
 #: stream after the process was paused past its TTL); the NVE then died instead of
 #: re-registering.  Which calls may be resent after such an error: see ``_ONCE``.
+#: UNKNOWN too: gRPC reports a connection that went away with the call in flight as
+#: UNKNOWN "No status received" or "Stream removed (Data frame with END_STREAM flag
+#: received)" (seen when a hung etcd member's connection is dropped, chaos
+#: `etcd_leader_kill`); taken for a refusal, it ended the NVE's writer or lease task,
+#: and with it the NVE. etcd itself answers with specific codes, so an UNKNOWN is
+#: treated as a broken transport: resent if the call may be, ambiguous otherwise.
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-              grpc.StatusCode.INTERNAL)
-#: gRPC's UNKNOWN with this detail: the connection went away with the call in flight
-#: (seen when a hung etcd member's connection is dropped, chaos `etcd_leader_kill`);
-#: a broken transport like the codes above. Taken for a refusal, it ended the NVE's
-#: writer task, and with it the NVE.
-_NO_STATUS = "No status received"
+              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
 
 def _raise_mapped(exc: BaseException, what: str) -> NoReturn:
@@ -309,8 +310,7 @@ def _raise_mapped(exc: BaseException, what: str) -> NoReturn:
     rpc = _grpc_error(exc)
     if rpc is not None:
         code, detail = rpc.code(), rpc.details() or ""
-        if code in _TRANSIENT or (code == grpc.StatusCode.UNKNOWN
-                                  and _NO_STATUS in detail):
+        if code in _TRANSIENT:
             raise StoreUnavailable(f"{what}: {code.name} {detail}".rstrip()) from exc
         if "too many operations in txn" in detail or "request is too large" in detail:
             raise TxnTooLarge(f"{what}: {detail}") from exc
