@@ -48,7 +48,7 @@ from ima.service import ImaService
 from ima.store import StoreError
 from nvo3.check import Gathered, check_gathered, gather
 from nvo3.connect import Endpoints, connect_nats, open_store
-from nvo3.etcd_members import divergence, read_member
+from nvo3.etcd_members import members_disagree
 from nvo3.etcd_versions import kill9_corrupts
 from nvo3.progress import Progress
 from nvo3.security import ROLE_IMA, ROLE_OP, ROLE_ROOT, SecureSpec, hv_identity
@@ -507,16 +507,9 @@ class Chaos:
         assert self.servers.etcd is not None
         flags = ([] if self.ep.credentials is None
                  else self.ep.credentials.etcdctl_flags(ROLE_OP))
-        found: list[str] = []
-        for attempt in range(10):
-            views = [await asyncio.to_thread(read_member, m.name, m.client_url,
-                                             self.ep.key_root, flags)
-                     for m in self.servers.etcd.members]
-            found = divergence(views, settled=attempt == 9)
-            if not any(" is at revision " in line for line in found):
-                break
-            await asyncio.sleep(0.3)
-        return found
+        return await members_disagree(
+            [(m.name, m.client_url) for m in self.servers.etcd.members],
+            self.ep.key_root, flags)
 
     def _dead_tasks(self) -> list[str]:
         out = []

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 
 from ima.store import EtcdStore, StoreError
-from nvo3.etcd_members import divergence, read_member
+from nvo3.etcd_members import members_disagree
 from nvo3.servers import EtcdCluster
 
 PREFIX = "/etcd-kill9/"
@@ -108,14 +108,8 @@ async def one_run(kills: int, sigkill: bool, seed: int) -> RunResult:
             with contextlib.suppress(asyncio.CancelledError, StoreError, RuntimeError):
                 await follower
             truth = await _history(store, start, end)
-            views = []
-            for attempt in range(10):
-                views = [await asyncio.to_thread(read_member, m.name, m.client_url, PREFIX)
-                         for m in cluster.members]
-                found = divergence(views, settled=attempt == 9)
-                if not any(" is at revision " in line for line in found):
-                    break
-                await asyncio.sleep(0.3)
+            found = await members_disagree([(m.name, m.client_url) for m in cluster.members],
+                                           PREFIX)
             got, want = set(seen), set(truth)
             return RunResult(end - start + 1, found, len(want - got), len(got - want))
     finally:

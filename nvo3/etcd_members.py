@@ -15,6 +15,7 @@ member's own store, not forwarded to the leader).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import subprocess
 from collections.abc import Sequence
@@ -87,3 +88,21 @@ def divergence(views: Sequence[MemberView], show: int = 5, settled: bool = False
                            f"{'has' if what != 'has extra' else 'lacks'}, "
                            f"e.g. {', '.join(keys[:show])}")
     return out
+
+
+async def members_disagree(members: Sequence[tuple[str, str]], prefix: str,
+                           flags: Sequence[str] = ()) -> list[str]:
+    """Read every member, given as (name, client URL), and say what they disagree on.
+
+    A member at another revision is read again for up to 3 s (it may still be applying
+    the last entries); one that stays behind has diverged (``divergence(settled=True)``).
+    """
+    found: list[str] = []
+    for attempt in range(10):
+        views = [await asyncio.to_thread(read_member, name, url, prefix, flags)
+                 for name, url in members]
+        found = divergence(views, settled=attempt == 9)
+        if not any(" is at revision " in line for line in found):
+            break
+        await asyncio.sleep(0.3)
+    return found

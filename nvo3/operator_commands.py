@@ -7,7 +7,6 @@ code (``nvo3.cli`` documents them).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator
@@ -196,16 +195,9 @@ async def _members_disagree(ep: Endpoints) -> list[str]:
     """Every etcd endpoint read on its own (``nvo3.etcd_members``): what they disagree
     on under the key root. A member at another revision is read again for up to 3 s
     (it may still be applying); one that stays behind has diverged."""
-    from nvo3.etcd_members import divergence, read_member
+    from nvo3.etcd_members import members_disagree
 
     flags = [] if ep.credentials is None else ep.credentials.etcdctl_flags("op")
     scheme = "http" if ep.credentials is None else "https"
-    found: list[str] = []
-    for attempt in range(10):
-        views = [await asyncio.to_thread(read_member, e, f"{scheme}://{e}", ep.key_root, flags)
-                 for e in ep.etcd]
-        found = divergence(views, settled=attempt == 9)
-        if not any(" is at revision " in line for line in found):
-            return found
-        await asyncio.sleep(0.3)
-    return found
+    return await members_disagree([(e, f"{scheme}://{e}") for e in ep.etcd], ep.key_root,
+                                  flags)
