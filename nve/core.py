@@ -645,11 +645,15 @@ class NveCore:
         vnic.published = True
         return effects
 
-    def republish(self) -> tuple[Effect, ...]:
-        """Every published binding again (the IMA lost them with our lease)."""
+    def republish(self, vn: str | None = None) -> tuple[Effect, ...]:
+        """Every published binding again (the IMA lost them with our lease); with
+        ``vn``, only the VNICs attached to it (they may bring bindings of their other
+        VNs along: the caller filters), so a per-VN check costs that VN, not all."""
         effects: list[Effect] = []
-        for vnic in self.vnics.values():
-            if vnic.published:
+        names = self.vnics if vn is None else self.vn_members.get(vn, ())
+        for name in names:
+            vnic = self.vnics.get(name)
+            if vnic is not None and vnic.published:
                 effects.extend(self._publish(vnic, 0))
         return tuple(effects)
 

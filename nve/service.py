@@ -434,8 +434,7 @@ class NveService:
         prefix = self.layout.map_prefix(vn)
         me = self.config.nve_id
         in_etcd = {prefix + entry: e for entry, e in listed if e.nve == me}
-        wanted = {op.key: op for op in self._execute(self.core.republish())
-                  if op.key.startswith(prefix)}
+        wanted = self._published(vn)
         repairs: list[WriteOp] = [op for key, op in wanted.items() if key not in in_etcd]
         repairs += [WriteDelete(key) for key in in_etcd if key not in wanted]
         self.counters["own_checks"] += 1
@@ -464,9 +463,7 @@ class NveService:
             return
         # Requests applied meanwhile may have changed what we publish (their writes are
         # queued already): keep only the repairs that still hold.
-        prefix = self.layout.map_prefix(vn)
-        wanted = {op.key for op in self._execute(self.core.republish())
-                  if op.key.startswith(prefix)}
+        wanted = self._published(vn)
         repairs = [op for op in repairs if (op.key in wanted) != isinstance(op, WriteDelete)]
         if not repairs:
             return
@@ -475,6 +472,12 @@ class NveService:
                      "publish at revision %d; repaired: %s", self.config.nve_id, vn,
                      len(repairs), revision, shown)
         await self.writer.submit(repairs)
+
+    def _published(self, vn: str) -> dict[str, WriteOp]:
+        """Key -> write of every binding we publish in ``vn``."""
+        prefix = self.layout.map_prefix(vn)
+        return {op.key: op for op in self._execute(self.core.republish(vn))
+                if op.key.startswith(prefix)}
 
     def _lost(self, key: str) -> None:
         parsed = self.layout.parse_map_key(key)
